@@ -1,0 +1,8 @@
+"""batchjax: how batch size shapes neural-network training, measured in pure JAX."""
+
+from batchjax.config import TrainConfig
+from batchjax.errors import BatchjaxError
+from batchjax.model import MLP
+from batchjax.train import TrainResult, TrainState, train, train_seeds
+
+__version__ = "0.1.0"

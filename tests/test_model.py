@@ -1,0 +1,53 @@
+"""The MLP against its definition: shapes, parameter count, Keras' initialisation, forward pass."""
+
+import jax
+import numpy as np
+import pytest
+
+from batchjax.model import MLP, count_params, init_params, model_from_params
+
+
+def test_parameter_count_and_shapes():
+    params = init_params(MLP(), jax.random.key(0), (28, 28))
+    assert count_params(params) == 101_770
+    shapes = jax.tree.map(lambda p: p.shape, params)
+    assert shapes == {"hidden": {"kernel": (784, 128), "bias": (128,)},
+                      "output": {"kernel": (128, 10), "bias": (10,)}}
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
+
+
+def test_width_and_classes_are_configurable():
+    params = init_params(MLP(hidden=32, num_classes=7), jax.random.key(0), (8, 8, 3))
+    assert params["hidden"]["kernel"].shape == (192, 32)
+    assert params["output"]["kernel"].shape == (32, 7)
+    assert model_from_params(params) == MLP(hidden=32, num_classes=7)
+
+
+@pytest.mark.parametrize("layer,fan_in,fan_out", [("hidden", 784, 128), ("output", 128, 10)])
+def test_glorot_uniform_kernels_and_zero_biases(layer, fan_in, fan_out):
+    params = init_params(MLP(), jax.random.key(1), (28, 28))
+    kernel = np.asarray(params[layer]["kernel"], np.float64)
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    # Glorot-uniform: U(-limit, limit), variance 2 / (fan_in + fan_out).
+    # lecun-normal (flax's default) has variance 1 / fan_in: 2.6x larger for the output layer.
+    assert np.abs(kernel).max() <= limit
+    n = kernel.size
+    var = kernel.var()
+    expected = 2.0 / (fan_in + fan_out)
+    # The sample variance of U(-a, a) has relative standard error sqrt(0.8 / n).
+    assert abs(var / expected - 1) < 5 * np.sqrt(0.8 / n)
+    assert abs(kernel.mean()) < 5 * np.sqrt(expected / n)
+    np.testing.assert_array_equal(np.asarray(params[layer]["bias"]), 0.0)
+
+
+def test_forward_matches_numpy():
+    rng = np.random.default_rng(0)
+    model = MLP(hidden=16, num_classes=10)
+    params = init_params(model, jax.random.key(2), (28, 28))
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.1, p.shape).astype(np.float32), params)
+    x = rng.random((5, 28, 28), dtype=np.float32)
+    logits = np.asarray(model.apply({"params": params}, x))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    h = np.maximum(x.reshape(5, -1) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+    expected = h @ p["output"]["kernel"] + p["output"]["bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,185 @@
+"""Training against independent references: NumPy loss, Keras' Adam formula, a Python loop."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from batchjax import BatchjaxError, TrainConfig, train
+from batchjax.data import load_dataset, make_synthetic
+from batchjax.model import MLP, init_params
+from batchjax.train import (cross_entropy, epoch_batch_sizes, init_train_state, make_evaluate,
+                            make_optimizer, make_train_epoch, make_train_step,
+                            scale_by_keras_adam)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_synthetic(num_train=203, num_val=50, seed=3)
+
+
+def numpy_cross_entropy(logits, labels):
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_softmax = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -log_softmax[np.arange(len(labels)), labels]
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 5, (64, 10)).astype(np.float32)
+    logits[0, 3] = 80.0  # far from zero: a naive softmax overflows
+    labels = rng.integers(0, 10, 64)
+    np.testing.assert_allclose(np.asarray(cross_entropy(logits, labels)),
+                               numpy_cross_entropy(logits, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_keras_adam_matches_the_keras_update_rule():
+    """Keras 3 Adam: alpha = lr sqrt(1-b2^t)/(1-b1^t); w -= alpha m / (sqrt(v) + eps)."""
+    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-7
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=5)
+    m = np.zeros(5)
+    v = np.zeros(5)
+    w0 = w.copy()
+    w_ours = w_optax = jnp.asarray(w, jnp.float32)
+    opt = optax.chain(scale_by_keras_adam(b1, b2, eps), optax.scale(-lr))
+    ref = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    state, ref_state = opt.init(w_ours), ref.init(w_optax)
+    for t in range(1, 8):
+        g = rng.normal(size=5) * 10.0**(-4 - t)  # gradients near eps make its placement matter
+        m += (g - m) * (1 - b1)
+        v += (g * g - v) * (1 - b2)
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        w = w - alpha * m / (np.sqrt(v) + eps)
+        g32 = jnp.asarray(g, jnp.float32)
+        updates, state = opt.update(g32, state, w_ours)
+        w_ours = optax.apply_updates(w_ours, updates)
+        updates, ref_state = ref.update(g32, ref_state, w_optax)
+        w_optax = optax.apply_updates(w_optax, updates)
+    np.testing.assert_allclose(np.asarray(w_ours) - w0, w - w0, rtol=1e-4, atol=1e-9)
+    # optax.adam adds eps after the bias correction: with these gradients its steps differ.
+    assert not np.allclose(np.asarray(w_optax) - w0, w - w0, rtol=0.05, atol=0)
+
+
+def test_optimizer_choice_and_learning_rate_scaling():
+    cfg = TrainConfig(batch_size=128, learning_rate=1e-3, reference_batch_size=32)
+    assert cfg.effective_learning_rate == pytest.approx(1e-3)
+    assert dataclasses.replace(cfg, lr_scaling="linear").effective_learning_rate == pytest.approx(4e-3)
+    assert dataclasses.replace(cfg, lr_scaling="sqrt").effective_learning_rate == pytest.approx(2e-3)
+    params = {"w": jnp.ones(3)}
+    g = {"w": jnp.array([1e-6, 1.0, -2.0])}
+    ref, _ = optax.adam(1e-3, eps=1e-7).update(g, optax.adam(1e-3, eps=1e-7).init(params))
+    opt = make_optimizer(dataclasses.replace(cfg, optimizer="adam", eps=1e-7))
+    ours, _ = opt.update(g, opt.init(params))
+    np.testing.assert_allclose(ours["w"], ref["w"], rtol=1e-6)
+
+
+def test_scan_epoch_equals_python_loop_of_steps(small):
+    cfg = TrainConfig(batch_size=32, hidden=16)
+    model, opt = MLP(16, 10), make_optimizer(cfg)
+    state0 = init_train_state(cfg, jax.random.key(0), (28, 28))
+    key = jax.random.key(7)
+    epoch = jax.jit(make_train_epoch(model, opt, small.num_train, 32))
+    state, metrics = epoch(state0, small.x_train, small.y_train, key)
+
+    # Reference: the documented schedule (the permutation of `key`, full batches, then the rest),
+    # each batch one jitted step called from Python.
+    step = jax.jit(make_train_step(model, opt))
+    perm = np.asarray(jax.random.permutation(key, small.num_train))
+    ref_state, ref_losses = state0, []
+    for start in range(0, small.num_train, 32):
+        idx = perm[start:start + 32]
+        ref_state, (loss, _) = step(ref_state, small.x_train[idx], small.y_train[idx])
+        ref_losses.append(float(loss))
+    assert len(ref_losses) == 7  # 6 full batches of 32 and one of 11
+    np.testing.assert_allclose(np.asarray(metrics.losses), ref_losses, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 state.params, ref_state.params)
+
+
+@pytest.mark.parametrize("num_train,batch_size", [(103, 10), (64, 8), (5, 5), (7, 1), (9, 4)])
+def test_every_example_seen_exactly_once_per_epoch(num_train, batch_size):
+    # A "step" that counts how often it sees each example: images are their own indices.
+    def counting_step(counts, x_B, y_B):
+        del y_B
+        return counts.at[x_B].add(1), (jnp.float32(x_B.shape[0]), jnp.int32(0))
+
+    epoch = jax.jit(make_train_epoch(None, None, num_train, batch_size,
+                                     train_step=counting_step))
+    x = jnp.arange(num_train)
+    for seed in range(3):
+        counts, metrics = epoch(jnp.zeros(num_train, jnp.int32), x, x, jax.random.key(seed))
+        np.testing.assert_array_equal(np.asarray(counts), 1)
+        sizes = np.asarray(metrics.losses)
+        expected = [batch_size] * (num_train // batch_size) + (
+            [num_train % batch_size] if num_train % batch_size else [])
+        np.testing.assert_array_equal(sizes, expected)
+        np.testing.assert_array_equal(epoch_batch_sizes(num_train, batch_size), expected)
+
+
+def test_evaluate_matches_numpy_for_chunk_sizes_that_do_not_divide(small):
+    model = MLP(16, 10)
+    params = init_params(model, jax.random.key(0), (28, 28))
+    logits = np.asarray(model.apply({"params": params}, small.x_train))
+    loss_ref = numpy_cross_entropy(logits, small.y_train).mean()
+    acc_ref = (logits.argmax(1) == small.y_train).mean()
+    for chunk in (7, 64, 203, 10_000):
+        loss, acc = jax.jit(make_evaluate(model, chunk))(params, small.x_train, small.y_train)
+        assert float(loss) == pytest.approx(loss_ref, rel=1e-5)
+        assert float(acc) == pytest.approx(acc_ref, abs=1e-6)
+
+
+def test_history_is_keras_epoch_means(small):
+    result = train(TrainConfig.tiny(batch_size=32, epochs=2, noise_schedule="none"), small)
+    sizes = epoch_batch_sizes(small.num_train, 32)
+    assert len(result.step_losses) == 2 * len(sizes)
+    for e in range(2):
+        losses = result.step_losses[e * len(sizes):(e + 1) * len(sizes)]
+        assert result.history["train_loss"][e] == pytest.approx(np.average(losses, weights=sizes))
+    assert result.history["steps"] == [7, 14]
+    assert result.history["examples_seen"] == [203, 406]
+    assert result.compile_seconds > 0 and min(result.history["train_seconds"]) > 0
+
+
+def test_same_seed_same_results_and_different_seed_differs(small):
+    cfg = TrainConfig.tiny(batch_size=16, noise_schedule="none")
+    a, b = train(cfg, small), train(cfg, small)
+    c = train(dataclasses.replace(cfg, seed=1), small)
+    np.testing.assert_array_equal(a.step_losses, b.step_losses)
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    untimed = lambda h: {k: v for k, v in h.items() if not k.endswith("seconds")}  # noqa: E731
+    assert untimed(a.history) == untimed(b.history)
+    assert not np.array_equal(a.step_losses, c.step_losses)
+
+
+def test_learns_real_digits_to_90_percent():
+    data = load_dataset("mnist-5k", verbose=False)
+    result = train(TrainConfig(batch_size=32, epochs=10, noise_schedule="none"), data)
+    assert result.status == "complete"
+    assert result.history["val_accuracy"][-1] >= 0.90, result.history["val_accuracy"]
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"batch_size": -3}, "batch_size must be at least 1"),
+    ({"batch_size": 2.5}, "batch_size must be an integer"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0"),
+    ({"learning_rate": 0.0}, "learning_rate must be a finite number > 0"),
+    ({"lr_scaling": "cubic"}, "lr_scaling must be one of none, linear, sqrt"),
+])
+def test_bad_config_is_a_one_line_error(kwargs, fragment):
+    with pytest.raises(BatchjaxError, match=fragment) as err:
+        TrainConfig(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_batch_size_larger_than_training_set(small):
+    with pytest.raises(BatchjaxError, match="larger than the training set") as err:
+        train(TrainConfig(batch_size=204), small)
+    assert "\n" not in str(err.value)
