@@ -1,6 +1,7 @@
 """batchjax: how batch size shapes neural-network training, measured in pure JAX."""
 
 from batchjax.config import TrainConfig
+from batchjax.data import Dataset, load_dataset, make_synthetic
 from batchjax.errors import BatchjaxError
 from batchjax.model import MLP
 from batchjax.train import TrainResult, TrainState, train, train_seeds
