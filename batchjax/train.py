@@ -259,8 +259,25 @@ def check_batch_size(batch_size: int, num_train: int) -> None:
                             f"({num_train} examples); choose a batch size <= {num_train}")
 
 
+def seed_shardings(num_seeds: int, devices: Sequence[jax.Device] | None = None):
+    """Shardings that split a leading seed axis across devices and replicate the data.
+
+    Uses the largest number of `devices` (default: all visible) that divides `num_seeds`, so
+    every device trains whole seeds and no communication is needed; one device (or one seed)
+    gives plain single-device placement. Returns `(seed_sharding, replicated)`.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
+    if count == 1 or num_seeds == 1:
+        single = jax.sharding.SingleDeviceSharding(devices[0])
+        return single, single
+    mesh = jax.sharding.Mesh(np.asarray(devices[:count]), ("seed",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
-                verbose: bool = False,
+                verbose: bool = False, devices: Sequence[jax.Device] | None = None,
                 on_epoch_end: Callable[[int, list[TrainResult]], None] | None = None,
                 measure: Callable | None = None) -> list[TrainResult]:
     """Train one run per seed of `config` on `dataset`, the seeds `jax.vmap`ped together.
@@ -273,6 +290,7 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
       dataset: a `batchjax.Dataset`.
       seeds: distinct non-negative seeds.
       verbose: print a Keras-like line per epoch (the first seed's numbers).
+      devices: devices to spread the seeds over (default: all visible; see `seed_shardings`).
       on_epoch_end: called as `on_epoch_end(epoch, results)` after each epoch (1-based).
       measure: optional `measure(params_list, step, examples_seen) -> list[list[dict]]` (one
         list of records per seed), called before the first step and after every epoch; the
@@ -310,15 +328,15 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
         unstack = lambda tree: [jax.tree.map(lambda a, i=i: a[i], tree)  # noqa: E731
                                 for i in range(len(seeds))]
 
-    x_train, y_train = jax.device_put(dataset.x_train), jax.device_put(dataset.y_train)
-    x_val, y_val = jax.device_put(dataset.x_val), jax.device_put(dataset.y_val)
-
-    def shuffle_keys(epoch):
-        return jnp.stack([jax.random.key_data(jax.random.fold_in(
-            jax.random.fold_in(jax.random.wrap_key_data(k), 1), epoch)) for k in keys])
+    seed_sharding, replicated = seed_shardings(len(seeds), devices)
+    state = jax.device_put(state, seed_sharding)
+    x_train, y_train = jax.device_put((dataset.x_train, dataset.y_train), replicated)
+    x_val, y_val = jax.device_put((dataset.x_val, dataset.y_val), replicated)
 
     def epoch_keys(epoch):
-        k = jax.random.wrap_key_data(shuffle_keys(epoch))
+        k = jnp.stack([jax.random.key_data(jax.random.fold_in(
+            jax.random.fold_in(jax.random.wrap_key_data(k), 1), epoch)) for k in keys])
+        k = jax.device_put(jax.random.wrap_key_data(k), seed_sharding)
         return k[0] if len(seeds) == 1 else k
 
     t0 = time.perf_counter()
