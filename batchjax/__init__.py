@@ -1,9 +1,12 @@
 """batchjax: how batch size shapes neural-network training, measured in pure JAX."""
 
 from batchjax.config import TrainConfig
+from batchjax.critical import (CriticalFit, fit_critical_batch, regimes, steps_to_target,
+                               steps_to_target_table)
 from batchjax.data import Dataset, load_dataset, make_synthetic
 from batchjax.errors import BatchjaxError
 from batchjax.model import MLP
+from batchjax.sharpness import SharpnessResult, sharpness
 from batchjax.train import TrainResult, TrainState, train, train_seeds
 
 __version__ = "0.1.0"

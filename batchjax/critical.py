@@ -1,0 +1,605 @@
+"""The critical batch size: steps to a target against batch size, and the model that fits them.
+
+McCandlish et al. 2018 (arXiv:1812.06162, sec. 2.2, eq. 2.11) predict that the optimizer steps S
+and training examples E = B S needed to reach a given loss trade off as
+
+    (S / S_min - 1) (E / E_min - 1) = 1,
+
+S_min being the fewest steps (B -> infinity) and E_min the fewest examples (B -> 0). With E = B S
+this is S(B) = S_min (1 + B_crit / B) = S_min + E_min / B, with the critical batch size
+B_crit = E_min / S_min; likewise E(B) = E_min (1 + B / B_crit). S is LINEAR in 1/B, so S_min
+(intercept) and E_min (slope) come from a weighted least-squares line in closed form.
+
+Weights. The seed-to-seed scatter of steps-to-target is roughly proportional to S (Shallue et al.
+2019, arXiv:1811.03600, fig. 5 shows similar relative spreads at all batch sizes), and the small
+batch sizes have S hundreds of times larger than the large ones: an unweighted fit would be
+decided by the small batches alone and leave S_min to chance. We minimise the squared RELATIVE
+error sum_b ((S_b - S_min - E_min / B_b) / S_hat_b)^2 by iteratively reweighted least squares
+(weights 1 / S_hat_b^2 from the current fit, starting from the data), a log-space fit to first
+order that keeps each step closed-form; weighting by the model rather than by the data avoids
+favouring points that came out low by chance.
+
+Uncertainty. Two, both reported: the covariance of the weighted linear fit with the scatter
+estimated from its residuals (needs more than 2 batch sizes; 0 on exact points), propagated to
+B_crit = E_min / S_min by the delta method; and, with several seeds per batch size, a bootstrap
+over seeds. Seeds are resampled as whole columns, since seed s initialises the same weights at
+every batch size and its steps are correlated across batch sizes.
+
+Regimes (Shallue et al. 2019, sec. 4): from the model, E / E_min = 1 + B / B_crit and
+S / S_min = 1 + B_crit / B. With a factor k (default 4):
+  perfect scaling            B <= B_crit / k: at most 1/k (25%) more examples than the
+                             fewest, i.e. steps within that of the perfect-scaling line
+                             E_min / B, so doubling B nearly halves the steps;
+  diminishing returns        B_crit / k < B < k B_crit;
+  maximal data parallelism   B >= k B_crit: steps within 1/k of the fewest possible, S_min,
+                             so doubling B saves at most about 1/(2k + 2) (10%) of them.
+
+The model is derived for SGD near a quadratic minimum; with Adam (the optimizer of this
+library) it is an empirical description whose fit quality the residuals report.
+
+Steps to a target, from a run's saved history:
+  * validation accuracy is measured only at epoch ends: the first epoch e whose accuracy reaches
+    the target is found, and steps and examples are interpolated linearly in steps between the
+    evaluations of epochs e - 1 and e (the crossing lies somewhere between them). When the first
+    evaluation already reaches the target, its steps are returned: an upper bound.
+  * training loss uses every step's loss, smoothed by a CENTRED moving average over a window of
+    about `window_examples` examples (ceil(window_examples / B) steps, made odd), weighted by the
+    batch sizes. A window of fixed examples gives every batch size the same noise in the
+    smoothed loss (the per-step loss has variance proportional to 1/B); centring avoids the lag
+    of a trailing average, which would add about window_examples / (2B) steps at batch size B,
+    i.e. inflate the fitted E_min by window_examples / 2. The loss of step t is the loss of the
+    parameters after t updates, so reaching it takes t steps; the crossing is interpolated
+    linearly between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import ticker
+
+from batchjax.errors import BatchjaxError
+
+# Saved accuracies are float32 values such as 0.949999988 for 950/1000: a target of 0.95 counts
+# as reached by values this close below it.
+_ACCURACY_TOLERANCE = 1e-6
+LOSS_WINDOW_EXAMPLES = 1024
+REGIME_FACTOR = 4.0
+_IRLS_ITERS = 50
+
+# Okabe & Ito (2008), the colour-blind-safe palette.
+OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9",
+             "bluish_green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
+             "vermillion": "#D55E00", "reddish_purple": "#CC79A7"}
+REGIME_COLOURS = {"perfect_scaling": OKABE_ITO["bluish_green"],
+                  "diminishing_returns": OKABE_ITO["yellow"],
+                  "maximal_data_parallelism": OKABE_ITO["reddish_purple"]}
+COLUMN_WIDTH_INCHES = 3.4
+
+
+# --------------------------------------------------------------------------------------------
+# Steps to a target
+
+
+def _field(result_like: Any, name: str) -> Any:
+    if isinstance(result_like, Mapping):
+        return result_like.get(name)
+    return getattr(result_like, name, None)
+
+
+def _check_history(history: Any, keys: tuple[str, ...]) -> None:
+    if not isinstance(history, Mapping) or not all(k in history for k in keys):
+        raise BatchjaxError(f"result has no per-epoch history with {', '.join(keys)} (pass a "
+                            "TrainResult, a Run or a metrics.json dict)")
+
+
+def _interpolate_crossing(steps_K: np.ndarray, examples_K: np.ndarray, i: int,
+                          fraction: float) -> tuple[float, float]:
+    """Steps and examples a `fraction` of the way from point i - 1 to point i."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    return (float(steps_K[i - 1] + fraction * (steps_K[i] - steps_K[i - 1])),
+            float(examples_K[i - 1] + fraction * (examples_K[i] - examples_K[i - 1])))
+
+
+def _accuracy_crossing(history: Mapping, target: float) -> tuple[float, float] | None:
+    acc_E = np.asarray(history["val_accuracy"], np.float64)
+    steps_E = np.asarray(history["steps"], np.float64)
+    examples_E = np.asarray(history["examples_seen"], np.float64)
+    reached = np.flatnonzero(acc_E >= target - _ACCURACY_TOLERANCE)  # NaN never reaches
+    if reached.size == 0:
+        return None
+    i = int(reached[0])
+    if i == 0:
+        return float(steps_E[0]), float(examples_E[0])
+    fraction = (target - acc_E[i - 1]) / (acc_E[i] - acc_E[i - 1])
+    return _interpolate_crossing(steps_E, examples_E, i, fraction)
+
+
+def smooth_step_losses(losses_T: np.ndarray, batch_sizes_T: np.ndarray,
+                       window_examples: int = LOSS_WINDOW_EXAMPLES) -> np.ndarray:
+    """Centred moving average of per-step losses over about `window_examples` examples.
+
+    Args:
+      losses_T: the loss of every step (finite).
+      batch_sizes_T: every step's batch size; the average is weighted by them.
+      window_examples: examples the window spans; the window is 2h + 1 steps with
+        h = ceil(window_examples / B) // 2 for the run's batch size B (its largest step), and
+        is truncated at both ends of training.
+
+    Returns:
+      The smoothed losses, one per step.
+    """
+    losses_T = np.asarray(losses_T, np.float64)
+    weights_T = np.asarray(batch_sizes_T, np.float64)
+    half = math.ceil(window_examples / max(float(weights_T.max()), 1.0)) // 2
+    sum_T = np.concatenate([[0.0], np.cumsum(losses_T * weights_T)])
+    count_T = np.concatenate([[0.0], np.cumsum(weights_T)])
+    t = np.arange(losses_T.size)
+    lo, hi = np.maximum(t - half, 0), np.minimum(t + half + 1, losses_T.size)
+    return (sum_T[hi] - sum_T[lo]) / (count_T[hi] - count_T[lo])
+
+
+def _loss_crossing(result_like: Any, history: Mapping, target: float,
+                   window_examples: int) -> tuple[float, float] | None:
+    losses_T = _field(result_like, "step_losses")
+    if losses_T is None:
+        raise BatchjaxError("a training-loss target needs the run's per-step losses "
+                            "('step_losses'), which this result lacks")
+    losses_T = np.asarray(losses_T, np.float64)
+    finite = np.isfinite(losses_T)
+    if not finite.all():  # a diverged run: only the steps before the first non-finite loss
+        losses_T = losses_T[: int(np.argmin(finite))]
+    if losses_T.size == 0:
+        return None
+    batch_sizes_T = _field(result_like, "step_batch_sizes")
+    steps_T1 = np.arange(losses_T.size + 1, dtype=np.float64)
+    if batch_sizes_T is not None and len(batch_sizes_T) >= losses_T.size:
+        batch_sizes_T = np.asarray(batch_sizes_T, np.float64)[: losses_T.size]
+        examples_T1 = np.concatenate([[0.0], np.cumsum(batch_sizes_T)])
+    else:
+        # Without per-step batch sizes: examples linear in steps between epoch ends, exact at
+        # each epoch end and off by less than one batch in between.
+        _check_history(history, ("steps", "examples_seen"))
+        epoch_steps = np.concatenate([[0.0], np.asarray(history["steps"], np.float64)])
+        epoch_examples = np.concatenate([[0.0], np.asarray(history["examples_seen"],
+                                                          np.float64)])
+        if epoch_steps.size < 2:
+            raise BatchjaxError("a training-loss target needs 'step_batch_sizes' or at least "
+                                "one finished epoch in the history")
+        # Past the last finished epoch (a run that diverged mid-epoch): the average rate.
+        examples_T1 = np.where(steps_T1 <= epoch_steps[-1],
+                               np.interp(steps_T1, epoch_steps, epoch_examples),
+                               steps_T1 * (epoch_examples[-1] / epoch_steps[-1]))
+        batch_sizes_T = np.diff(examples_T1)
+    smoothed_T = smooth_step_losses(losses_T, batch_sizes_T, window_examples)
+    reached = np.flatnonzero(smoothed_T <= target)
+    if reached.size == 0:
+        return None
+    i = int(reached[0])
+    if i == 0:
+        return 0.0, 0.0
+    fraction = (smoothed_T[i - 1] - target) / (smoothed_T[i - 1] - smoothed_T[i])
+    return _interpolate_crossing(steps_T1, examples_T1, i, fraction)
+
+
+def steps_to_target(result_like: Any, *, val_accuracy: float | None = None,
+                    train_loss: float | None = None,
+                    window_examples: int = LOSS_WINDOW_EXAMPLES) -> tuple[float, float] | None:
+    """Optimizer steps and examples a run needed to first reach a target; None if it never did.
+
+    Exactly one target is given. Validation accuracy is interpolated between the two epoch-end
+    evaluations that bracket its first crossing; training loss is the centred moving average of
+    the per-step losses (see the module docstring for both choices).
+
+    Args:
+      result_like: a `batchjax.TrainResult`, a loaded `batchjax.results.Run`, or a metrics
+        dict {"history": {...}, "step_losses": [...], optionally "step_batch_sizes": [...]}.
+      val_accuracy: target validation accuracy (reached when >= it).
+      train_loss: target training loss (reached when the smoothed loss is <= it).
+      window_examples: examples spanned by the loss smoothing window.
+
+    Returns:
+      (steps, examples) at the first crossing, both floats (interpolated), or None.
+
+    Raises:
+      BatchjaxError: not exactly one target, or the result lacks what the target needs.
+    """
+    if (val_accuracy is None) == (train_loss is None):
+        raise BatchjaxError("give exactly one target: val_accuracy=... or train_loss=...")
+    history = _field(result_like, "history")
+    if val_accuracy is not None:
+        _check_history(history, ("steps", "examples_seen", "val_accuracy"))
+        return _accuracy_crossing(history, float(val_accuracy))
+    if not (isinstance(window_examples, int) and window_examples >= 1):
+        raise BatchjaxError(f"window_examples must be an integer >= 1, got {window_examples!r}")
+    return _loss_crossing(result_like, history, float(train_loss), window_examples)
+
+
+def _batch_size_and_seed(result_like: Any) -> tuple[int, int]:
+    config = _field(result_like, "config")
+    if config is not None:
+        return int(_field(config, "batch_size")), int(_field(config, "seed"))
+    batch_size, seed = _field(result_like, "batch_size"), _field(result_like, "seed")
+    if batch_size is None or seed is None:
+        raise BatchjaxError("a run must name its batch size and seed (a config, or "
+                            "'batch_size' and 'seed' fields as in metrics.json)")
+    return int(batch_size), int(seed)
+
+
+def steps_to_target_table(runs: Iterable[Any], *, val_accuracy: float | None = None,
+                          train_loss: float | None = None,
+                          window_examples: int = LOSS_WINDOW_EXAMPLES):
+    """`steps_to_target` of many runs, as arrays over batch sizes and seeds.
+
+    Args:
+      runs: TrainResults, Runs or metrics dicts, each with a batch size and a seed.
+      val_accuracy, train_loss, window_examples: as for `steps_to_target`.
+
+    Returns:
+      (batch_sizes [num_B], seeds [num_seeds], steps [num_B, num_seeds],
+      examples [num_B, num_seeds]): sorted; NaN where the target was not reached or the run
+      is missing.
+    """
+    found = {}
+    for run in runs:
+        found[_batch_size_and_seed(run)] = steps_to_target(
+            run, val_accuracy=val_accuracy, train_loss=train_loss,
+            window_examples=window_examples)
+    batch_sizes = np.asarray(sorted({b for b, _ in found}), np.int64)
+    seeds = np.asarray(sorted({s for _, s in found}), np.int64)
+    steps_BxS = np.full((batch_sizes.size, seeds.size), np.nan)
+    examples_BxS = np.full_like(steps_BxS, np.nan)
+    for (b, s), hit in found.items():
+        if hit is not None:
+            i, j = np.searchsorted(batch_sizes, b), np.searchsorted(seeds, s)
+            steps_BxS[i, j], examples_BxS[i, j] = hit
+    return batch_sizes, seeds, steps_BxS, examples_BxS
+
+
+# --------------------------------------------------------------------------------------------
+# The fit
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticalFit:
+    """S(B) = S_min + E_min / B fitted to steps-to-target points (McCandlish et al. eq. 2.11).
+
+    Attributes:
+      s_min, e_min: fitted fewest steps and fewest examples.
+      b_crit: E_min / S_min.
+      s_min_stderr, e_min_stderr, b_crit_stderr: from the weighted fit's covariance, with the
+        scatter estimated from the residuals (0 for points exactly on the model).
+      s_min_e_min_cov: covariance of the two fitted parameters.
+      rms_relative_residual: root-mean-square of (S_b - S_hat_b) / S_hat_b over the points,
+        with n - 2 degrees of freedom: the relative scatter about the model.
+      batch_sizes: the batch sizes used in the fit (every seed reached the target, by default).
+      mean_steps: the mean steps over seeds at those batch sizes (the points fitted).
+      excluded_batch_sizes: batch sizes left out because (some of) their seeds did not reach.
+      num_seeds: seeds per batch size given (columns of the steps array).
+      b_crit_interval, s_min_interval, e_min_interval: 95% bootstrap intervals over seeds
+        (2.5th and 97.5th percentiles), or None with a single seed.
+      num_bootstrap: bootstrap replicates drawn (0 when none).
+    """
+
+    s_min: float
+    e_min: float
+    b_crit: float
+    s_min_stderr: float
+    e_min_stderr: float
+    b_crit_stderr: float
+    s_min_e_min_cov: float
+    rms_relative_residual: float
+    batch_sizes: tuple[float, ...]
+    mean_steps: tuple[float, ...]
+    excluded_batch_sizes: tuple[float, ...]
+    num_seeds: int
+    b_crit_interval: tuple[float, float] | None = None
+    s_min_interval: tuple[float, float] | None = None
+    e_min_interval: tuple[float, float] | None = None
+    num_bootstrap: int = 0
+
+    @property
+    def valid(self) -> bool:
+        """S_min > 0 and E_min > 0: the fit is of the model's shape and B_crit is meaningful."""
+        return self.s_min > 0 and self.e_min > 0
+
+    def predict_steps(self, batch_size: Any) -> np.ndarray | float:
+        """S(B) = S_min + E_min / B, for a scalar or an array of batch sizes."""
+        out = self.s_min + self.e_min / np.asarray(batch_size, np.float64)
+        return float(out) if np.ndim(out) == 0 else out
+
+    def predict_examples(self, batch_size: Any) -> np.ndarray | float:
+        """E(B) = B S(B) = E_min + S_min B."""
+        return np.asarray(batch_size, np.float64) * self.predict_steps(batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (tuples become lists when dumped)."""
+        return dataclasses.asdict(self)
+
+
+def _weighted_line(u_K: np.ndarray, s_K: np.ndarray):
+    """IRLS for s = a + b u with relative errors: (a, b, cov [2, 2], rms relative residual)."""
+    design_Kx2 = np.stack([np.ones_like(u_K), u_K], axis=1)
+    weights_K = 1.0 / s_K**2
+    for _ in range(_IRLS_ITERS):
+        gram = design_Kx2.T @ (weights_K[:, None] * design_Kx2)
+        coef = np.linalg.solve(gram, design_Kx2.T @ (weights_K * s_K))
+        fitted_K = design_Kx2 @ coef
+        if np.any(fitted_K <= 0):  # relative weights need a positive model; keep the last
+            break
+        new_weights_K = 1.0 / fitted_K**2
+        done = np.allclose(new_weights_K, weights_K, rtol=1e-12, atol=0)
+        weights_K = new_weights_K
+        if done:
+            break
+    gram = design_Kx2.T @ (weights_K[:, None] * design_Kx2)
+    coef = np.linalg.solve(gram, design_Kx2.T @ (weights_K * s_K))
+    residual_K = s_K - design_Kx2 @ coef
+    dof = s_K.size - 2
+    scatter2 = float(np.sum(weights_K * residual_K**2) / dof) if dof > 0 else float("nan")
+    return float(coef[0]), float(coef[1]), scatter2 * np.linalg.inv(gram), math.sqrt(scatter2)
+
+
+def _ratio_stderr(a: float, b: float, cov: np.ndarray) -> float:
+    """Delta-method standard error of b / a."""
+    grad = np.array([-b / a**2, 1.0 / a])
+    return float(math.sqrt(max(grad @ cov @ grad, 0.0)))
+
+
+def fit_critical_batch(batch_sizes: Sequence[float], steps: Any, *,
+                       require_all_seeds: bool = True, num_bootstrap: int = 1000,
+                       seed: int = 0) -> CriticalFit:
+    """Fit S_min and E_min of S(B) = S_min + E_min / B; B_crit = E_min / S_min.
+
+    Args:
+      batch_sizes: the batch sizes B, distinct and positive [num_B].
+      steps: steps to the target, [num_B] or per seed [num_B, num_seeds], NaN where a run
+        never reached it. Each batch size contributes the mean over its seeds.
+      require_all_seeds: use only batch sizes where every seed reached the target (the mean of
+        those that did would be biased low); False uses any batch size with one that did.
+      num_bootstrap: bootstrap replicates over seeds (with more than one seed; 0 skips).
+      seed: seeds the bootstrap resampling.
+
+    Returns:
+      A `CriticalFit`.
+
+    Raises:
+      BatchjaxError: malformed input, or fewer than 3 batch sizes reached the target.
+    """
+    b_K = np.asarray(batch_sizes, np.float64)
+    steps_KxS = np.asarray(steps, np.float64)
+    if steps_KxS.ndim == 1:
+        steps_KxS = steps_KxS[:, None]
+    if (b_K.ndim != 1 or steps_KxS.ndim != 2 or steps_KxS.shape[0] != b_K.size
+            or steps_KxS.shape[1] == 0):
+        raise BatchjaxError(f"steps must be [num_B] or [num_B, num_seeds] for {b_K.size} "
+                            f"batch sizes, got shape {np.shape(steps)}")
+    if not np.all(np.isfinite(b_K) & (b_K > 0)) or np.unique(b_K).size != b_K.size:
+        raise BatchjaxError(f"batch sizes must be distinct positive numbers, got {b_K.tolist()}")
+    if np.any(steps_KxS <= 0):
+        raise BatchjaxError("steps to target must be positive (NaN for not reached)")
+    reached_KxS = np.isfinite(steps_KxS)
+    keep_K = reached_KxS.all(axis=1) if require_all_seeds else reached_KxS.any(axis=1)
+    if keep_K.sum() < 3:
+        raise BatchjaxError(
+            f"only {int(keep_K.sum())} of {b_K.size} batch sizes reached the target"
+            f"{' with every seed' if require_all_seeds else ''}; fitting S_min and E_min needs "
+            "at least 3 (lower the target, train for more epochs, or add batch sizes)")
+    b_used, steps_used = b_K[keep_K], steps_KxS[keep_K]
+    order = np.argsort(b_used)
+    b_used, steps_used = b_used[order], steps_used[order]
+    mean_K = np.nanmean(steps_used, axis=1)
+    s_min, e_min, cov, rms = _weighted_line(1.0 / b_used, mean_K)
+
+    intervals: dict[str, tuple[float, float] | None] = dict.fromkeys(("b_crit", "s_min", "e_min"))
+    num_drawn = 0
+    num_seeds = steps_KxS.shape[1]
+    if num_seeds > 1 and num_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        draws = []
+        for _ in range(num_bootstrap):
+            cols = rng.integers(0, num_seeds, num_seeds)
+            sample_KxS = steps_used[:, cols]
+            if not np.isfinite(sample_KxS).any(axis=1).all():
+                continue  # a batch size without any reached seed in this draw
+            a, b, _, _ = _weighted_line(1.0 / b_used, np.nanmean(sample_KxS, axis=1))
+            draws.append((a, b, b / a))
+        num_drawn = len(draws)
+        if draws:
+            draws_Dx3 = np.asarray(draws)
+            for j, name in enumerate(("s_min", "e_min", "b_crit")):
+                lo, hi = np.percentile(draws_Dx3[:, j], [2.5, 97.5])
+                intervals[name] = (float(lo), float(hi))
+    return CriticalFit(
+        s_min=s_min, e_min=e_min, b_crit=e_min / s_min,
+        s_min_stderr=float(math.sqrt(cov[0, 0])) if np.isfinite(cov[0, 0]) else float("nan"),
+        e_min_stderr=float(math.sqrt(cov[1, 1])) if np.isfinite(cov[1, 1]) else float("nan"),
+        b_crit_stderr=_ratio_stderr(s_min, e_min, cov) if np.all(np.isfinite(cov))
+        else float("nan"),
+        s_min_e_min_cov=float(cov[0, 1]), rms_relative_residual=rms,
+        batch_sizes=tuple(b_used.tolist()), mean_steps=tuple(mean_K.tolist()),
+        excluded_batch_sizes=tuple(np.sort(b_K[~keep_K]).tolist()), num_seeds=num_seeds,
+        b_crit_interval=intervals["b_crit"], s_min_interval=intervals["s_min"],
+        e_min_interval=intervals["e_min"], num_bootstrap=num_drawn)
+
+
+# --------------------------------------------------------------------------------------------
+# Regimes
+
+
+@dataclasses.dataclass(frozen=True)
+class Regimes:
+    """Batch-size boundaries of the three regimes of Shallue et al. 2019, from a fit.
+
+    Attributes:
+      perfect_scaling_max: B_crit / factor; below it, E <= (1 + 1/factor) E_min.
+      maximal_parallelism_min: factor * B_crit; above it, S <= (1 + 1/factor) S_min.
+      factor: k of the module docstring.
+    """
+
+    perfect_scaling_max: float
+    maximal_parallelism_min: float
+    factor: float
+
+    def regime(self, batch_size: float) -> str:
+        """"perfect_scaling", "diminishing_returns" or "maximal_data_parallelism"."""
+        if batch_size <= self.perfect_scaling_max:
+            return "perfect_scaling"
+        if batch_size >= self.maximal_parallelism_min:
+            return "maximal_data_parallelism"
+        return "diminishing_returns"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def regimes(fit: CriticalFit, factor: float = REGIME_FACTOR) -> Regimes:
+    """The regime boundaries B_crit / factor and factor * B_crit of a valid fit.
+
+    Raises:
+      BatchjaxError: the fit is not valid (S_min or E_min <= 0), or factor <= 1.
+    """
+    if not fit.valid:
+        raise BatchjaxError(f"the fit has S_min = {fit.s_min:.4g}, E_min = {fit.e_min:.4g}; "
+                            "regimes need both > 0 (more batch sizes above B_crit are needed)")
+    if not factor > 1:
+        raise BatchjaxError(f"factor must be > 1, got {factor}")
+    return Regimes(fit.b_crit / factor, fit.b_crit * factor, float(factor))
+
+
+# --------------------------------------------------------------------------------------------
+# Figure
+
+
+def _number(value: float) -> str:
+    """Three significant digits, without the exponent notation of %g for thousands."""
+    return f"{value:.0f}" if 1e3 <= abs(value) < 1e7 else f"{value:.3g}"
+
+
+def _power_of_two_axis(axis) -> None:
+    # Every power of two gets a plain-number tick (matplotlib thins them and writes 2^k).
+    axis.set_major_locator(ticker.LogLocator(base=2, subs=(1.0,), numticks=30))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def plot_steps_to_target(ax, batch_sizes: Sequence[float], steps: Any, fit: CriticalFit, *,
+                         b_simple: float | None = None, factor: float = REGIME_FACTOR,
+                         color: str = OKABE_ITO["blue"], label: str = "mean over seeds",
+                         ylabel: str = "steps to target", legend: bool = True) -> None:
+    """Steps to target against batch size on log2-log2 axes, with the fit and its regimes.
+
+    Per-seed points (hollow) and their means (filled), the fitted S(B) (solid), perfect
+    scaling through the smallest batch size's mean (dashed black), the three regimes shaded,
+    and vertical lines at B_crit and, when given, B_simple.
+
+    Args:
+      ax: matplotlib axes to draw on.
+      batch_sizes: [num_B].
+      steps: [num_B] or [num_B, num_seeds], NaN where not reached.
+      fit: the `CriticalFit` of these points.
+      b_simple: the measured simple noise scale averaged over training, or None.
+      factor: regime factor k (see `regimes`).
+      color: colour of the points.
+      label: legend label of the means.
+      ylabel: y-axis label.
+      legend: draw the legend.
+    """
+    b_K = np.asarray(batch_sizes, np.float64)
+    steps_KxS = np.asarray(steps, np.float64).reshape(b_K.size, -1)
+    lo, hi = b_K.min() / 2**0.5, b_K.max() * 2**0.5
+    if steps_KxS.shape[1] > 1:
+        b_rep = np.repeat(b_K[:, None], steps_KxS.shape[1], axis=1)
+        ax.scatter(b_rep.ravel(), steps_KxS.ravel(), s=16, facecolors="none",
+                   edgecolors=color, linewidths=0.6, alpha=0.6, label="per seed", zorder=3)
+    reached_K = np.isfinite(steps_KxS).any(axis=1)
+    mean_K = np.full(b_K.size, np.nan)
+    mean_K[reached_K] = np.nanmean(steps_KxS[reached_K], axis=1)
+    in_fit_K = np.isin(b_K, fit.batch_sizes)
+    ax.plot(b_K[in_fit_K], mean_K[in_fit_K], "o", color=color, ms=2.8, label=label, zorder=4)
+    left_out_K = reached_K & ~in_fit_K
+    if left_out_K.any():
+        ax.plot(b_K[left_out_K], mean_K[left_out_K], "x", color=color, ms=4, mew=0.8,
+                label="mean, not in fit", zorder=4)
+
+    grid = np.geomspace(lo, hi, 200)
+    first = int(np.argmax(reached_K))
+    ax.plot(grid, mean_K[first] * b_K[first] / grid, "--", color="black", lw=0.8,
+            label=r"perfect scaling, $S \propto 1/B$", zorder=2)
+    if fit.valid:
+        ax.plot(grid, fit.predict_steps(grid), "-", color=OKABE_ITO["vermillion"], lw=1.2,
+                label=rf"fit: $S_{{\min}}$ = {_number(fit.s_min)}, "
+                rf"$E_{{\min}}$ = {_number(fit.e_min)}",
+                zorder=3)
+        bounds = regimes(fit, factor)
+        edges = [(lo, bounds.perfect_scaling_max, "perfect_scaling", "perfect scaling"),
+                 (bounds.perfect_scaling_max, bounds.maximal_parallelism_min,
+                  "diminishing_returns", "diminishing returns"),
+                 (bounds.maximal_parallelism_min, hi, "maximal_data_parallelism",
+                  "max. data parallelism")]
+        for left, right, key, text in edges:
+            left, right = max(left, lo), min(right, hi)
+            if right > left:
+                ax.axvspan(left, right, color=REGIME_COLOURS[key], alpha=0.18, lw=0,
+                           label=text, zorder=0)
+        crit_text = rf"$B_{{\mathrm{{crit}}}}$ = {_number(fit.b_crit)}"
+        if fit.b_crit_stderr > 1e-6 * fit.b_crit:  # exact points give a rounding-error 1e-11
+            crit_text += rf" $\pm$ {fit.b_crit_stderr:.2g}"
+        if not lo <= fit.b_crit <= hi:
+            crit_text += " (off scale)"
+        ax.axvline(fit.b_crit, color=OKABE_ITO["vermillion"], ls=":", lw=1.2, label=crit_text,
+                   zorder=3)
+    if b_simple is not None and np.isfinite(b_simple):
+        ax.axvline(b_simple, color=OKABE_ITO["sky_blue"], ls="-.", lw=1.2,
+                   label=rf"$B_{{\mathrm{{simple}}}}$ = {_number(b_simple)}"
+                   + ("" if lo <= b_simple <= hi else " (off scale)"), zorder=3)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlim(lo, hi)
+    # The perfect-scaling line falls far below the data at large B; clip it to the data range.
+    bottom = np.nanmin(steps_KxS)
+    if fit.valid:
+        bottom = min(bottom, fit.predict_steps(hi))
+    ax.set_ylim(bottom / 1.6, np.nanmax(steps_KxS) * 1.6)
+    _power_of_two_axis(ax.xaxis)
+    _power_of_two_axis(ax.yaxis)
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(ylabel)
+    if legend:  # below the axes: inside, it would cover the points at either end
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False,
+                  handlelength=2.2, columnspacing=1.0)
+
+
+def figure_critical_batch(batch_sizes: Sequence[float], steps: Any,
+                          fit: CriticalFit | None = None, *, b_simple: float | None = None,
+                          dataset: str | None = None, target: str | None = None,
+                          factor: float = REGIME_FACTOR):
+    """A one-column figure of `plot_steps_to_target` (the fit is computed when not given).
+
+    Args:
+      batch_sizes, steps, b_simple, factor: as for `plot_steps_to_target`.
+      fit: a `CriticalFit` of the points, or None to fit them here.
+      dataset: dataset name for the title.
+      target: what was reached, for the y label, e.g. "val. accuracy 0.95".
+
+    Returns:
+      A matplotlib Figure, COLUMN_WIDTH_INCHES wide.
+    """
+    if fit is None:
+        fit = fit_critical_batch(batch_sizes, steps)
+    with plt.rc_context({"font.size": 7, "axes.titlesize": 8, "axes.labelsize": 7,
+                         "xtick.labelsize": 6.5, "ytick.labelsize": 6.5,
+                         "legend.fontsize": 5.5, "axes.linewidth": 0.6}):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_INCHES, 3.5), layout="constrained")
+        plot_steps_to_target(ax, batch_sizes, steps, fit, b_simple=b_simple, factor=factor,
+                             ylabel=f"steps to {target}" if target else "steps to target")
+        title = "Critical batch size"
+        if dataset:
+            title += f" ({dataset})"
+        ax.set_title(title)
+    return fig
