@@ -1,0 +1,621 @@
+"""Figures of a sweep, drawn from saved results only (`batchjax.results.load_sweep`).
+
+Each panel is a `plot_<thing>(ax, results, **kw)` that draws on given axes; each figure is a
+`figure_<name>(results) -> Figure` that composes panels under one style (`STYLE`, applied with
+`plt.rc_context`): 7-8 pt fonts for panels about 3.4 in wide (a paper column), the Okabe-Ito
+colour-blind-safe palette plus a marker per batch size (readable in grey), batch-size axes in
+log base 2, reference scalings as dashed black lines, legends outside the data, and the dataset
+named in every title. `save_figure` writes a vector PDF and a 300-dpi PNG, atomically.
+
+Bands and error bars are ± 1 s.d. over seeds unless a panel says otherwise. Diverged runs are
+left out of means and marked where they stopped (a black x on the top edge, named in the
+legend), never plotted as numbers.
+
+1. `figure_curves`: per batch size, loss and accuracy vs epoch, training and validation.
+2. `figure_step_loss`: every step's training loss against examples seen, raw and smoothed.
+3. `figure_validation`: validation loss and accuracy against epochs, steps and seconds.
+4. `figure_gradient_variance`: minibatch gradient variance against B: analytic (from tr(Sigma)
+   with the finite-population correction), empirical points, 1/B reference.
+5. `figure_noise_over_training`: |G|^2, tr(Sigma) and B_simple over training.
+6. `figure_roughness_gap`: curve roughness and generalisation gap against batch size.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pathlib
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from cycler import cycler
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from batchjax import report
+from batchjax.results import Run, SweepResults, write_bytes_atomic
+
+# Okabe & Ito (2008), "Color Universal Design"; yellow last, it is faint on white.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000",
+           "#F0E442")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+TRAIN_COLOR, VAL_COLOR, DIVERGED_COLOR = "#0072B2", "#D55E00", "black"
+COLUMN_WIDTH, PAGE_WIDTH = 3.4, 7.0  # inches
+STYLE = {
+    "font.family": "DejaVu Sans",
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "figure.titlesize": 8.5,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7,
+    "axes.spines.top": False, "axes.spines.right": False,
+    "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5, "axes.linewidth": 0.6,
+    "lines.linewidth": 1.2, "lines.markersize": 3.5, "errorbar.capsize": 2,
+    "legend.frameon": False, "legend.handlelength": 1.8,
+    "axes.prop_cycle": cycler(color=PALETTE),
+    "figure.dpi": 100, "savefig.dpi": 300, "pdf.fonttype": 42, "ps.fonttype": 42,
+    "figure.constrained_layout.use": True,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def batch_style(batch_size: int, batch_sizes: Sequence[int]) -> dict:
+    """Colour and marker of a batch size, fixed by its rank in the sweep."""
+    i = sorted(batch_sizes).index(batch_size) if batch_size in batch_sizes else len(batch_sizes)
+    return {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+def batch_label(batch_size: int, runs: Sequence[Run]) -> str:
+    diverged = sum(r.diverged for r in runs)
+    return f"B = {batch_size}" + (f" ({diverged}/{len(runs)} diverged)" if diverged else "")
+
+
+def _ok(runs: Sequence[Run]) -> list[Run]:
+    return [r for r in runs if not r.diverged]
+
+
+def _mean_sd(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    stack = np.vstack(arrays)
+    sd = stack.std(axis=0, ddof=1) if len(arrays) > 1 else np.zeros(stack.shape[1])
+    return stack.mean(axis=0), sd
+
+
+def _band(ax, x, arrays, *, color, label=None, linestyle="-", marker=None, log=False):
+    """Mean line and ± 1 s.d. band over seeds; with `log`, the geometric mean and a x/÷ band
+    of one geometric s.d. (positive quantities spanning decades, shown on log axes)."""
+    if log:
+        logs = [np.log(np.maximum(np.asarray(a, float), np.finfo(float).tiny)) for a in arrays]
+        mean_log, sd_log = _mean_sd(logs)
+        mean, low, high = np.exp(mean_log), np.exp(mean_log - sd_log), np.exp(mean_log + sd_log)
+    else:
+        mean, sd = _mean_sd(arrays)
+        low, high = mean - sd, mean + sd
+    ax.plot(x, mean, color=color, linestyle=linestyle, marker=marker, label=label,
+            markevery=max(1, len(x) // 12) if marker else None)
+    if len(arrays) > 1:
+        ax.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0)
+
+
+def _mark_diverged(ax, x: float) -> None:
+    """A red x on the top edge of `ax` at data-x `x`: where a run stopped with a NaN loss."""
+    ax.plot([x], [1.0], marker="x", color=DIVERGED_COLOR, markersize=6, mew=1.5,
+            transform=ax.get_xaxis_transform(), clip_on=False, linestyle="none", zorder=5)
+
+
+def _diverged_handle(label: str = "diverged: run stopped here (top edge)") -> Line2D:
+    return Line2D([], [], marker="x", color=DIVERGED_COLOR, linestyle="none", markersize=6,
+                  mew=1.5, label=label)
+
+
+def _suptitle(fig: Figure, results: SweepResults, title: str, stat: str = "mean ± s.d.") -> None:
+    seeds = max((len(v) for v in results.by_batch_size().values()), default=0)
+    spread = f"{stat} over {seeds} seeds" if seeds > 1 else "1 seed, no spread to show"
+    fig.suptitle(f"{title}\n{results.dataset_label()}; {spread}")
+
+
+def _log2_batch_axis(ax, batch_sizes: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(batch_sizes))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set_xlabel("batch size B")
+
+
+def _short(v: float) -> str:
+    """1, 0.05, 500, 2k, 15k: tick labels that stay narrow."""
+    return f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def _plain_log_ticks(axis, base: float = 10) -> None:
+    """Ticks at 1, 2, 5 x 10^k (denser within a decade) labelled 0.05, 200, 2k, not 2 x 10^1."""
+    low, high = sorted(axis.get_view_interval())
+    narrow = base == 10 and 0 < low and high / low < 10
+    subs = (1.0, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0) if base == 10 else (1.0,)
+    axis.set_major_locator(LogLocator(base=base, subs=subs, numticks=12))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _figure_legend(fig: Figure, axes, extra: Sequence = (), ncol: int | None = None) -> None:
+    """One legend for the whole figure, below the panels, deduplicated by label."""
+    handles, labels = [], []
+    for ax in np.ravel(axes):
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels and not l.startswith("_"):
+                handles.append(h)
+                labels.append(l)
+    for h in extra:
+        if h.get_label() not in labels:
+            handles.append(h)
+            labels.append(h.get_label())
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center",
+                   ncol=ncol or min(len(handles), 4))
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over `window` points ('valid' part: len - window + 1 values)."""
+    window = max(1, min(int(window), len(values)))
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def smoothing_window(run: Run, examples: int | None = None) -> int:
+    """Steps covering `examples` examples (default 1/8 of an epoch), so all B smooth alike."""
+    n = int(run.dataset.get("num_train", 0)) or len(run.step_losses) * run.batch_size
+    examples = examples or max(1, n // 8)
+    return max(1, int(round(examples / run.batch_size)))
+
+
+def _any_diverged(results: SweepResults) -> bool:
+    return any(r.diverged for r in results.runs)
+
+
+# --------------------------------------------------------------------------------------------
+# Panels
+
+
+def plot_epoch_curves(ax, results: SweepResults, *, batch_size: int, metric: str = "loss"):
+    """Training and validation `metric` ("loss" or "accuracy") vs epoch at one batch size."""
+    runs = results.by_batch_size().get(batch_size, [])
+    ok = _ok(runs)
+    if ok:
+        epochs = ok[0].history["epoch"]
+        for split, color, style, marker, name in (("train", TRAIN_COLOR, "-", "o", "training"),
+                                                  ("val", VAL_COLOR, "--", "s", "validation")):
+            _band(ax, epochs, [r.history[f"{split}_{metric}"] for r in ok], color=color,
+                  linestyle=style, marker=marker, label=name)
+    for r in runs:
+        if r.diverged:
+            spe = report.steps_per_epoch(r)
+            if len(r.history["epoch"]):
+                ax.plot(r.history["epoch"], r.history[f"train_{metric}"], color="0.6", lw=0.8)
+            _mark_diverged(ax, (r.diverged_step + 1) / spe)
+    if not ok:
+        ax.text(0.5, 0.5, f"every seed diverged at B = {batch_size}", transform=ax.transAxes,
+                ha="center", color=DIVERGED_COLOR)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+
+
+def plot_step_loss(ax, results: SweepResults, *, batch_size: int | None = None,
+                   raw: bool = True, smoothed: bool = True, ylim=None):
+    """Every step's training loss against examples seen.
+
+    With `batch_size`, that batch size's raw losses (first non-diverged seed, light) and the
+    smoothed mean over seeds (dark); without it, the smoothed curves of every batch size.
+    Smoothing: a centred moving average over 1/8 epoch of examples at every B.
+    """
+    groups = results.by_batch_size()
+    selected = [batch_size] if batch_size is not None else list(groups)
+    for b in selected:
+        runs, ok = groups.get(b, []), _ok(groups.get(b, []))
+        style = batch_style(b, results.batch_sizes)
+        if raw and ok:
+            r = ok[0]
+            ax.plot(r.examples_seen, r.step_losses, color=style["color"], alpha=0.35, lw=0.4,
+                    label=f"raw (seed {r.seed})" if batch_size is not None else None,
+                    rasterized=len(r.step_losses) > 2000)
+        if smoothed and ok:
+            w = smoothing_window(ok[0])
+            lengths = {len(r.step_losses) for r in ok}
+            if len(lengths) == 1 and w < min(lengths):
+                x = moving_average(ok[0].examples_seen.astype(float), w)
+                _band(ax, x, [moving_average(r.step_losses, w) for r in ok],
+                      color=style["color"] if batch_size is None else "black", log=True,
+                      label=batch_label(b, runs) if batch_size is None else
+                      f"moving average ({w} steps)")
+        for r in runs:
+            if r.diverged and batch_size is not None:
+                seen = float(np.sum(r.step_batch_sizes))
+                ax.plot(r.examples_seen[:-1], r.step_losses[:-1], color=style["color"], lw=0.4,
+                        alpha=0.35)
+                _mark_diverged(ax, seen)
+    ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    _plain_log_ticks(ax.yaxis)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v) if v else "0"))
+    ax.set_xlabel("examples seen")
+    ax.set_ylabel("training loss (per step)")
+    if batch_size is not None:
+        ax.set_title(batch_label(batch_size, groups.get(batch_size, [])))
+    else:
+        ax.set_title("smoothed, all batch sizes")
+
+
+def _step_loss_ylim(results: SweepResults):
+    finite = [r.step_losses[np.isfinite(r.step_losses)] for r in _ok(results.runs)]
+    finite = [f[f > 0] for f in finite if len(f)]
+    if not finite:
+        return None
+    low = min(np.quantile(f, 0.002) for f in finite)
+    high = max(np.quantile(f, 0.999) for f in finite)
+    return low / 1.5, high * 1.5
+
+
+def plot_validation(ax, results: SweepResults, *, metric: str = "accuracy", x: str = "epoch"):
+    """Validation `metric` of every batch size against `x`: "epoch", "steps" or "seconds".
+
+    Seconds are cumulative training + validation time (compilation excluded) of the seeds'
+    vmapped group.
+    """
+    for b, runs in results.by_batch_size().items():
+        ok = _ok(runs)
+        style = batch_style(b, results.batch_sizes)
+        if ok:
+            if x == "seconds":
+                xs = np.mean([np.cumsum(report.epoch_seconds(r)) for r in ok], axis=0)
+            else:
+                xs = ok[0].history["steps" if x == "steps" else "epoch"]
+            _band(ax, xs, [r.history[f"val_{metric}"] for r in ok], color=style["color"],
+                  marker=style["marker"], label=batch_label(b, runs))
+        for r in runs:
+            if r.diverged:
+                spe = report.steps_per_epoch(r)
+                where = {"epoch": (r.diverged_step + 1) / spe, "steps": r.diverged_step + 1,
+                         "seconds": float(np.sum(report.epoch_seconds(r)))}[x]
+                if where > 0:
+                    _mark_diverged(ax, where)
+    if x in ("steps", "seconds"):
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
+    ax.set_xlabel({"epoch": "epoch", "steps": "optimizer steps",
+                   "seconds": "wall-clock seconds (train + val)"}[x])
+    ax.set_ylabel(f"validation {metric}")
+    if x == "epoch":
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+
+
+def _trace_from_record(rec: dict) -> tuple[float, int] | None:
+    """tr(Sigma_pop) and the probe size N, read back from a record's minibatch variances.
+
+    Inverting var(B) = tr / B * (N - B) / (N - 1) keeps the curve consistent with the values
+    the noise module computed, whatever divisor its tr(Sigma) uses.
+    """
+    n = int(rec.get("probe_size") or 0)
+    for key, v in (rec.get("minibatch_variance") or {}).items():
+        b = int(key)
+        if v is not None and n > b:
+            return float(v) * b * (n - 1) / (n - b), n
+    if rec.get("trace_cov") is not None and n > 1:
+        return float(rec["trace_cov"]), n
+    return None
+
+
+def minibatch_variance_curve(trace: float, num_examples: int, batch_sizes: np.ndarray):
+    """tr(Sigma) / B * (N - B) / (N - 1): sampling B of N examples without replacement."""
+    b = np.asarray(batch_sizes, float)
+    return trace / b * (num_examples - b) / (num_examples - 1)
+
+
+def plot_gradient_variance(ax, results: SweepResults, *, epoch: float):
+    """Minibatch gradient variance E|G_B - G|^2 against B at one moment of training.
+
+    Lines: the analytic variance from each batch size's run (mean over seeds), for every B up to
+    N/2 of the probe set; points: the empirical mean of |G_B - G|^2 over sampled minibatches at
+    the run's own batch size, error bars its standard error (combined over seeds); dashed: 1/B.
+    """
+    groups = results.by_batch_size()
+    top, n_probe = [], None
+    for b, runs in groups.items():
+        style = batch_style(b, results.batch_sizes)
+        traces, emp, emp_se, emp_b = [], [], [], None
+        for r in _ok(runs) or runs:
+            rec = report.record_at(r, epoch)
+            if rec is None:
+                continue
+            t = _trace_from_record(rec)
+            if t is not None:
+                traces.append(t[0])
+                n_probe = t[1]
+            e = rec.get("empirical") or {}
+            if e.get("mean") is not None:
+                emp.append(float(e["mean"]))
+                emp_se.append(float(e.get("stderr") or 0.0))
+                emp_b = int(e.get("batch_size", b))
+        if traces and n_probe:
+            grid = np.unique(np.round(np.logspace(0, math.log2(n_probe / 2), 64, base=2)))
+            curve = minibatch_variance_curve(float(np.mean(traces)), n_probe, grid)
+            ax.plot(grid, curve, color=style["color"], lw=1.0, label=batch_label(b, runs))
+            top.append(curve[0])
+        if emp:
+            se = math.sqrt(np.sum(np.square(emp_se))) / len(emp_se)
+            ax.errorbar([emp_b], [np.mean(emp)], yerr=[se], color=style["color"],
+                        marker=style["marker"], markersize=5, mfc="white", mew=1.2,
+                        linestyle="none", zorder=4)
+    if top and n_probe:
+        ref_b = np.array([1.0, n_probe / 2])
+        anchor = 2.0 * max(top)  # above the curves, so it does not hide them
+        ax.plot(ref_b, anchor / ref_b, "k--", lw=0.9, label="∝ 1/B (reference)")
+        ax.set_xlim(0.8, n_probe / 2 * 1.25)
+    ax.set_yscale("log", base=2)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(LogLocator(base=2, numticks=8))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_major_locator(LogLocator(base=2, numticks=7))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(r"E$|G_B - G|^2$")
+    ax.set_title(report._moment_name(epoch))
+
+
+NOISE_QUANTITIES = {  # quantity: (axis label, panel title)
+    "grad_sq_norm": (r"$|G|^2$", "signal: squared mean gradient"),
+    "trace_cov": (r"tr($\Sigma$)", "noise: per-example gradient variance"),
+    "noise_scale": (r"$B_\mathrm{simple}$ = tr($\Sigma$) / $|G|^2$", "noise scale"),
+}
+
+
+def plot_noise_over_training(ax, results: SweepResults, *, quantity: str = "noise_scale"):
+    """One noise statistic (`NOISE_QUANTITIES`) over training for every batch size, log scale."""
+    for b, runs in results.by_batch_size().items():
+        style = batch_style(b, results.batch_sizes)
+        series = []
+        for r in _ok(runs):
+            n = int(r.dataset.get("num_train", 0)) or 1
+            recs = [rec for rec in r.noise if rec.get(quantity) is not None]
+            if recs:
+                series.append((np.array([rec["examples_seen"] / n for rec in recs]),
+                               np.array([float(rec[quantity]) for rec in recs])))
+        lengths = {len(s[0]) for s in series}
+        if series and len(lengths) == 1:
+            _band(ax, series[0][0], [s[1] for s in series], color=style["color"],
+                  marker=style["marker"], label=batch_label(b, runs), log=True)
+        for r in runs:
+            if r.diverged:
+                _mark_diverged(ax, (r.diverged_step + 1) / report.steps_per_epoch(r))
+        if quantity == "noise_scale":
+            ax.axhline(b, color=style["color"], lw=0.7, ls=":", zorder=0)
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(NOISE_QUANTITIES[quantity][0])
+    ax.set_title(NOISE_QUANTITIES[quantity][1])
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+
+
+def _per_batch(results: SweepResults, key: str):
+    """(batch sizes, means, s.d.s, all-diverged batch sizes) of a `report.run_stats` quantity."""
+    bs, means, sds, dead = [], [], [], []
+    for b, runs in results.by_batch_size().items():
+        est = report.Estimate.of([report.run_stats(r)[key] for r in runs])
+        if est.n:
+            bs.append(b)
+            means.append(est.mean)
+            sds.append(est.sd if np.isfinite(est.sd) else 0.0)
+        else:
+            dead.append(b)
+    return np.array(bs), np.array(means), np.array(sds), dead
+
+
+def _errorbars(ax, results: SweepResults, bs, means, sds, dead):
+    ax.plot(bs, means, color="0.5", lw=0.8, zorder=1)
+    for b, m, s in zip(bs, means, sds):
+        style = batch_style(int(b), results.batch_sizes)
+        ax.errorbar([b], [m], yerr=[s], color=style["color"], marker=style["marker"],
+                    markersize=5, linestyle="none", zorder=3,
+                    label=batch_label(int(b), results.by_batch_size()[int(b)]))
+    for b in dead:
+        _mark_diverged(ax, b)
+
+
+def plot_roughness(ax, results: SweepResults, *, relative: bool = False):
+    """Roughness of the per-step loss (`report.compute_roughness`) against batch size.
+
+    `relative=True` plots R / mean loss (level-free) instead of R in loss units. Dashed: a
+    B^(-1/2) slope through the smallest batch size, what minibatch sampling of the loss alone
+    gives at a fixed loss level.
+    """
+    bs, means, sds, dead = _per_batch(results, "roughness_relative" if relative else "roughness")
+    _errorbars(ax, results, bs, means, sds, dead)
+    if len(bs):
+        ref = np.array([bs[0], max(bs[-1], bs[0] * 2)], float)
+        ax.plot(ref, means[0] * np.sqrt(bs[0] / ref), "k--", lw=0.9,
+                label=r"$\propto B^{-1/2}$ (minibatch sampling)")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    _log2_batch_axis(ax, results.batch_sizes)
+    if relative:
+        ax.set_ylabel("R / mean loss")
+        ax.set_title("relative roughness (log-scale view)")
+    else:
+        ax.set_ylabel("R (loss per step)")
+        ax.set_title("roughness in loss units")
+
+
+def plot_gap(ax, results: SweepResults, *, metric: str = "loss"):
+    """Final generalisation gap against batch size: val - train loss, or train - val accuracy."""
+    key = "gap_loss" if metric == "loss" else "gap_accuracy"
+    bs, means, sds, dead = _per_batch(results, key)
+    _errorbars(ax, results, bs, means, sds, dead)
+    ax.axhline(0, color="black", lw=0.6)
+    _log2_batch_axis(ax, results.batch_sizes)
+    ax.set_ylabel("val - train loss" if metric == "loss" else "train - val accuracy")
+    ax.set_title(f"generalisation gap ({metric})")
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def figure_curves(results: SweepResults, batch_size: int) -> Figure:
+    """Figure 1, the original's figure at one batch size: loss and accuracy vs epoch."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.7))
+        plot_epoch_curves(axes[0], results, batch_size=batch_size, metric="loss")
+        plot_epoch_curves(axes[1], results, batch_size=batch_size, metric="accuracy")
+        runs = results.by_batch_size().get(batch_size, [])
+        dead = [f"seed {r.seed} at step {r.diverged_step} (epoch "
+                f"{r.diverged_step // report.steps_per_epoch(r) + 1})" for r in runs if r.diverged]
+        extra = [_diverged_handle("diverged: " + ", ".join(dead))] if dead else []
+        _figure_legend(fig, axes, extra)
+        _suptitle(fig, results, f"Training and validation curves, batch size {batch_size}")
+    return fig
+
+
+def figure_step_loss(results: SweepResults) -> Figure:
+    """Figure 2: every step's training loss, one panel per batch size plus all smoothed."""
+    groups = results.by_batch_size()
+    n = len(groups) + 1
+    ncols = 2
+    nrows = math.ceil(n / ncols)
+    ylim = _step_loss_ylim(results)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH, 2.3 * nrows + 0.6),
+                                 sharex=True, sharey=True, squeeze=False)
+        flat = axes.ravel()
+        for ax, b in zip(flat, groups):
+            plot_step_loss(ax, results, batch_size=b, ylim=ylim)
+        plot_step_loss(flat[len(groups)], results, ylim=ylim, raw=False)
+        for ax in flat[n:]:
+            ax.set_visible(False)
+        for ax in flat[:n]:
+            ax.label_outer()
+            ax.xaxis.set_tick_params(labelbottom=True)
+        handles = [Line2D([], [], color="0.5", alpha=0.5, lw=0.8, label="raw loss, one seed"),
+                   Line2D([], [], color="black", lw=1.2, label="moving average over 1/8 epoch, "
+                          "geometric mean over seeds")]
+        handles += [Line2D([], [], color=batch_style(b, results.batch_sizes)["color"],
+                           label=batch_label(b, groups[b])) for b in groups]
+        if _any_diverged(results):
+            handles.append(_diverged_handle())
+        fig.legend(handles=handles, loc="outside lower center", ncol=3)
+        _suptitle(fig, results, "Per-step training loss: smaller batches give choppier curves",
+                  stat="smoothed: geometric mean ×/÷ geometric s.d.")
+    return fig
+
+
+def figure_validation(results: SweepResults) -> Figure:
+    """Figure 3: validation loss and accuracy against epochs, optimizer steps and seconds."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 3, figsize=(PAGE_WIDTH, 4.4), sharey="row")
+        for j, x in enumerate(("epoch", "steps", "seconds")):
+            for i, metric in enumerate(("loss", "accuracy")):
+                plot_validation(axes[i, j], results, metric=metric, x=x)
+                if j:
+                    axes[i, j].set_ylabel("")
+        extra = [_diverged_handle()] if _any_diverged(results) else []
+        _figure_legend(fig, axes, extra)
+        _suptitle(fig, results, "Validation progress per epoch, per step and per second")
+    return fig
+
+
+def figure_gradient_variance(results: SweepResults) -> Figure:
+    """Figure 4: minibatch gradient variance against B at several moments of training."""
+    moments = report.noise_moments(results)
+    with plt.rc_context(STYLE):
+        ncols = min(2, len(moments))
+        nrows = math.ceil(len(moments) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH, 2.5 * nrows + 0.7),
+                                 sharex=True, squeeze=False)
+        for ax, epoch in zip(axes.ravel(), moments):
+            plot_gradient_variance(ax, results, epoch=epoch)
+            ax.label_outer(remove_inner_ticks=False)
+            ax.yaxis.set_tick_params(labelleft=True)
+        for ax in axes.ravel()[len(moments):]:
+            ax.set_visible(False)
+        point = Line2D([], [], color="0.3", marker="o", mfc="white", linestyle="none",
+                       label="empirical, own B (± SE)")
+        line = Line2D([], [], color="0.3", lw=1.0, label="analytic tr(Σ)/B·(N−B)/(N−1)")
+        _figure_legend(fig, axes, [line, point], ncol=3)
+        _suptitle(fig, results, "Minibatch gradient variance against batch size (lines: each "
+                  "B's run, analytic; points: measured)", stat="mean (points ± SE)")
+    return fig
+
+
+def figure_noise_over_training(results: SweepResults) -> Figure:
+    """Figure 5: |G|^2, tr(Sigma) and B_simple over training for each batch size."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 3, figsize=(PAGE_WIDTH, 2.6))
+        for ax, q in zip(axes, NOISE_QUANTITIES):
+            plot_noise_over_training(ax, results, quantity=q)
+        extra = [Line2D([], [], color="0.4", ls=":", lw=0.7,
+                        label="dotted: each run's own B (right panel)")]
+        if _any_diverged(results):
+            extra.append(_diverged_handle())
+        _figure_legend(fig, axes, extra, ncol=4)
+        _suptitle(fig, results, "Gradient signal, noise and the noise scale over training",
+                  stat="geometric mean ×/÷ geometric s.d.")
+    return fig
+
+
+def figure_roughness_gap(results: SweepResults) -> Figure:
+    """Figure 6: curve roughness and final generalisation gap against batch size."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 2, figsize=(PAGE_WIDTH, 4.6))
+        plot_roughness(axes[0, 0], results)
+        plot_roughness(axes[0, 1], results, relative=True)
+        plot_gap(axes[1, 0], results, metric="loss")
+        plot_gap(axes[1, 1], results, metric="accuracy")
+        extra = [_diverged_handle()] if _any_diverged(results) else []
+        _figure_legend(fig, axes, extra)
+        _suptitle(fig, results, "Roughness of the per-step loss and generalisation gap at the "
+                  "end of training")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_figure(fig: Figure, directory: str | os.PathLike, name: str) -> list[pathlib.Path]:
+    """Write `fig` as `name.pdf` (vector) and `name.png` (300 dpi), atomically; closes it."""
+    directory = pathlib.Path(directory)
+    paths = []
+    with plt.rc_context(STYLE):
+        for ext, kw in (("pdf", {}), ("png", {"dpi": 300})):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, **kw)
+            path = directory / f"{name}.{ext}"
+            write_bytes_atomic(path, buf.getvalue())
+            paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def make_figures(results: SweepResults, figures_dir: str | os.PathLike
+                 ) -> tuple[list[pathlib.Path], list[str]]:
+    """Draw and save every figure of a sweep.
+
+    Returns:
+      The written files and notes on figures that were skipped (e.g. no noise records).
+    """
+    paths, notes = [], []
+    for b in results.batch_sizes:
+        paths += save_figure(figure_curves(results, b), figures_dir, f"bs{b}_curves")
+    paths += save_figure(figure_step_loss(results), figures_dir, "step_loss")
+    paths += save_figure(figure_validation(results), figures_dir, "validation")
+    if results.has_noise:
+        paths += save_figure(figure_gradient_variance(results), figures_dir, "gradient_variance")
+        paths += save_figure(figure_noise_over_training(results), figures_dir,
+                             "noise_over_training")
+    else:
+        notes.append("no gradient-noise records in these results (noise schedule 'none'): "
+                     "figures 4 (gradient_variance) and 5 (noise_over_training) skipped")
+    paths += save_figure(figure_roughness_gap(results), figures_dir, "roughness_gap")
+    return paths, notes

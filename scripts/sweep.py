@@ -1,0 +1,123 @@
+"""Run the batch-size sweep, then draw its figures and write its report.
+
+    python scripts/sweep.py                       # the original experiment: B = 8, 32, 128,
+                                                  # 10 epochs, 3 seeds, data "auto"
+    python scripts/sweep.py --resume              # continue a stopped sweep in --out
+    python scripts/sweep.py --batch-sizes 16,64 --epochs 3 --seeds 1 --out /tmp/try
+
+Flags map one to one onto `batchjax.TrainConfig` fields (`--lr` is learning_rate,
+`--noise-every` is noise_schedule); results go to --out (layout: `batchjax.results`), figures to
+--figures-dir, and the report is printed and saved as OUT/report.md. Bad input prints one line
+`error: ...` and exits with status 2; an interrupted sweep (Ctrl-C, SIGTERM) keeps every finished
+run and exits with status 130.
+"""
+
+import argparse
+import signal
+import sys
+import time
+
+from batchjax.config import LR_SCALINGS, NOISE_SCHEDULES, OPTIMIZERS, TrainConfig
+from batchjax.data import load_dataset
+from batchjax.errors import BatchjaxError
+from batchjax.plots import make_figures
+from batchjax.report import write_report
+from batchjax.sweep import check_grid, run_sweep
+
+DEFAULTS = TrainConfig()
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 8,32,128, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch-sizes", type=int_list, default=[8, 32, 128],
+                   help="comma-separated batch sizes (default 8,32,128)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds: 0..S-1 (default 3)")
+    p.add_argument("--dataset", default="auto",
+                   help="auto (tfds mnist if prepared, else mnist-5k), mnist-5k, synthetic, or "
+                        "a tfds name")
+    p.add_argument("--data-dir", default=None, help="tfds data directory")
+    p.add_argument("--download", action="store_true", help="let tfds download and prepare")
+    p.add_argument("--out", default="results", help="results directory (default results/)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out: skip complete runs, redo the others")
+    p.add_argument("--figures-dir", default="figures", help="default figures/")
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress; the report still prints")
+    p.add_argument("--lr", type=float, default=DEFAULTS.learning_rate, help="learning_rate")
+    p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=DEFAULTS.lr_scaling)
+    p.add_argument("--reference-batch-size", type=int, default=DEFAULTS.reference_batch_size)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer)
+    p.add_argument("--b1", type=float, default=DEFAULTS.b1)
+    p.add_argument("--b2", type=float, default=DEFAULTS.b2)
+    p.add_argument("--eps", type=float, default=DEFAULTS.eps)
+    p.add_argument("--hidden", type=int, default=DEFAULTS.hidden)
+    p.add_argument("--noise-every", choices=NOISE_SCHEDULES, default=DEFAULTS.noise_schedule,
+                   help="noise_schedule: epoch (at init and every epoch end), log, or none")
+    p.add_argument("--noise-points", type=int, default=DEFAULTS.noise_points)
+    p.add_argument("--probe-size", type=int, default=DEFAULTS.probe_size,
+                   help="training examples for the noise statistics (0: all)")
+    p.add_argument("--unroll", type=int, default=DEFAULTS.unroll)
+    return p
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        config = TrainConfig(
+            epochs=args.epochs, learning_rate=args.lr, lr_scaling=args.lr_scaling,
+            reference_batch_size=args.reference_batch_size, optimizer=args.optimizer,
+            b1=args.b1, b2=args.b2, eps=args.eps, hidden=args.hidden,
+            noise_schedule=args.noise_every, noise_points=args.noise_points,
+            probe_size=args.probe_size, unroll=args.unroll)
+        if args.seeds < 1:
+            raise BatchjaxError(f"--seeds must be at least 1, got {args.seeds}")
+        batch_sizes, seeds = check_grid(config, args.batch_sizes, range(args.seeds))
+        dataset = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
+                               verbose=not args.quiet)
+        start = time.perf_counter()
+        results = run_sweep(args.out, config, dataset, batch_sizes=batch_sizes, seeds=seeds,
+                            resume=args.resume, command=sys.argv, verbose=not args.quiet)
+        train_time = time.perf_counter() - start
+        figures, notes = ([], []) if args.no_figures else make_figures(results, args.figures_dir)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(write_report(results, figures=figures, notes=notes))
+        if not args.quiet:
+            print(f"sweep: {train_time:.1f} s; results in {args.out}/ (report.md, summary.csv, "
+                  f"summary.tex)" + ("" if args.no_figures else
+                                     f"; {len(figures)} figure files in {args.figures_dir}/"),
+                  file=sys.stderr)
+    except BatchjaxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished runs are saved in {args.out}/; continue with --resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

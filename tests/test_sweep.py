@@ -1,0 +1,348 @@
+"""The sweep end to end: schema on disk, resume, refusals, divergence, progress and the CLI.
+
+A tiny real sweep (2 batch sizes x 2 seeds x 2 epochs on 512 bundled MNIST digits, hidden 16,
+gradient noise on) is the reference that interrupted and resumed sweeps must reproduce.
+"""
+
+import dataclasses
+import importlib.util
+import io
+import json
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from batchjax import TrainConfig, train, train_seeds
+from batchjax.data import load_dataset
+from batchjax.errors import BatchjaxError
+from batchjax.results import load_sweep
+from batchjax.sweep import Progress, run_sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = TrainConfig.tiny(epochs=2)  # hidden 16
+BATCH_SIZES, SEEDS = [16, 64], [0, 1]
+TIMING_KEYS = {"train_seconds", "eval_seconds", "seconds", "compile_seconds"}
+
+
+class Stop(Exception):
+    """Stands in for a kill in the middle of a sweep."""
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("mnist-5k", verbose=False).subset(512, 256)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("reference")
+    return out, run_sweep(out, CONFIG, data, batch_sizes=BATCH_SIZES, seeds=SEEDS,
+                          verbose=False, command=["pytest"])
+
+
+def numbers(run) -> dict:
+    """Everything a run measured, without wall-clock timings."""
+    strip = lambda d: {k: v for k, v in d.items() if k not in TIMING_KEYS}  # noqa: E731
+    return {"status": run.status, "diverged_step": run.diverged_step,
+            "history": strip(run.history), "final_train": run.final_train,
+            "step_losses": run.step_losses, "step_batch_sizes": run.step_batch_sizes,
+            "noise": [strip(r) for r in run.noise]}
+
+
+def assert_same_results(a, b, rtol=0.0):
+    assert [(r.batch_size, r.seed) for r in a.runs] == [(r.batch_size, r.seed) for r in b.runs]
+    for ra, rb in zip(a.runs, b.runs):
+        na, nb = numbers(ra), numbers(rb)
+        assert (na["status"], na["diverged_step"]) == (nb["status"], nb["diverged_step"])
+        np.testing.assert_allclose(na["step_losses"], nb["step_losses"], rtol=rtol)
+        np.testing.assert_array_equal(na["step_batch_sizes"], nb["step_batch_sizes"])
+        for k in na["history"]:
+            np.testing.assert_allclose(na["history"][k], nb["history"][k], rtol=rtol)
+        np.testing.assert_allclose(list(na["final_train"].values()),
+                                   list(nb["final_train"].values()), rtol=rtol)
+        assert len(na["noise"]) == len(nb["noise"])
+        for x, y in zip(na["noise"], nb["noise"]):
+            for key in ("step", "examples_seen", "probe_size"):
+                assert x[key] == y[key]
+            for key in ("grad_sq_norm", "trace_cov", "noise_scale", "train_loss"):
+                np.testing.assert_allclose(x[key], y[key], rtol=max(rtol, 1e-6))
+            np.testing.assert_allclose(x["empirical"]["mean"], y["empirical"]["mean"],
+                                       rtol=max(rtol, 1e-6))
+
+
+def test_sweep_writes_every_file_of_the_schema(reference, data):
+    out, results = reference
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "batchjax-sweep"
+    assert manifest["sweep"] == {"batch_sizes": BATCH_SIZES, "seeds": SEEDS, "epochs": 2}
+    assert manifest["config"]["hidden"] == 16 and "batch_size" not in manifest["config"]
+    assert manifest["dataset"] == data.describe()
+    assert manifest["started"] and manifest["finished"]
+    session = manifest["sessions"][0]
+    assert session["command"] == ["pytest"]
+    assert {"jax", "jaxlib", "flax", "optax", "numpy", "matplotlib", "tensorflow-datasets",
+            "batchjax"} == set(session["versions"])
+    assert session["device_count"] >= 1 and session["device_kind"] and session["python"]
+    for b in BATCH_SIZES:
+        steps = 2 * -(-512 // b)
+        for s in SEEDS:
+            run_dir = out / f"bs{b:05d}_seed{s}"
+            config = json.loads((run_dir / "config.json").read_text())
+            assert config == dataclasses.replace(CONFIG, batch_size=b, seed=s).to_dict()
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert metrics["complete"] is True and metrics["status"] == "complete"
+            assert len(metrics["step_losses"]) == len(metrics["step_batch_sizes"]) == steps
+            assert metrics["history"]["epoch"] == [1, 2]
+            assert metrics["compile_seconds"] > 0 and metrics["trained_with_seeds"] == SEEDS
+            assert set(metrics["final_train"]) == {"loss", "accuracy"}
+            assert len(metrics["noise"]) == 3  # initialisation and two epoch ends
+            record = metrics["noise"][-1]
+            assert set(record["minibatch_variance"]) == {str(x) for x in BATCH_SIZES}
+            assert record["empirical"]["batch_size"] == b
+    assert not list(out.rglob("*.tmp"))
+    assert len(results.runs) == 4 and results.missing == []
+
+
+def test_figures_and_report_from_the_saved_sweep(reference, tmp_path, capsys):
+    out, _ = reference
+    figures = load_script("figures")
+    assert figures.main([str(out), "--figures-dir", str(tmp_path), "--quiet"]) == 0
+    names = ["bs16_curves", "bs64_curves", "step_loss", "validation", "gradient_variance",
+             "noise_over_training", "roughness_gap"]
+    for name in names:
+        for ext, magic in (("png", b"\x89PNG"), ("pdf", b"%PDF")):
+            path = tmp_path / f"{name}.{ext}"
+            assert path.read_bytes()[:4] == magic and path.stat().st_size > 5000, path
+    text = (out / "report.md").read_text()
+    for n in range(1, 6):
+        assert f"### Claim {n}:" in text
+    assert text.count("**Verdict:") == 5
+    assert (out / "summary.csv").exists() and (out / "summary.tex").exists()
+
+
+def test_interrupted_sweep_resumes_to_the_uninterrupted_results(reference, data, tmp_path):
+    out = tmp_path / "sweep"
+
+    def kill_at_second_batch_size(batch_size, epoch, results):
+        if batch_size == 64 and epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(out, CONFIG, data, batch_sizes=BATCH_SIZES, seeds=SEEDS, verbose=False,
+                  on_epoch_end=kill_at_second_batch_size)
+    partial = load_sweep(out)
+    assert [(r.batch_size, r.seed) for r in partial.runs] == [(16, 0), (16, 1)]
+    assert partial.missing == [(64, 0), (64, 1)]
+    assert (out / "bs00064_seed0" / "config.json").exists()
+    assert not (out / "bs00064_seed0" / "metrics.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["finished"] is None
+    done = out / "bs00016_seed0" / "metrics.json"
+    mtime = done.stat().st_mtime_ns
+
+    trained = {}
+    resumed = run_sweep(out, CONFIG, data, batch_sizes=BATCH_SIZES, seeds=SEEDS, resume=True,
+                        verbose=False, on_epoch_end=lambda b, e, rs: trained.setdefault(
+                            b, [r.config.seed for r in rs]))
+    assert trained == {64: [0, 1]}, "a complete batch size was trained again"
+    assert done.stat().st_mtime_ns == mtime
+    # The same seeds trained as the same vmapped group: the numbers are bitwise equal.
+    assert_same_results(resumed, reference[1], rtol=0.0)
+    assert len(json.loads((out / "manifest.json").read_text())["sessions"]) == 2
+
+
+def test_resume_trains_only_the_missing_seeds(reference, data, tmp_path):
+    out = tmp_path / "sweep"
+    shutil.copytree(reference[0], out)
+    (out / "bs00016_seed1" / "metrics.json").unlink()
+    trained = {}
+    resumed = run_sweep(out, CONFIG, data, batch_sizes=BATCH_SIZES, seeds=SEEDS, resume=True,
+                        verbose=False, on_epoch_end=lambda b, e, rs: trained.setdefault(
+                            b, [r.config.seed for r in rs]))
+    assert trained == {16: [1]}
+    # Seed 1 alone vs vmapped with seed 0: the batched program reduces the batch-mean loss
+    # in another order, a few float32 ulps (see test_vmapped_seeds_equal_separate_runs).
+    assert_same_results(resumed, reference[1], rtol=1e-5)
+
+
+def test_vmapped_seeds_equal_separate_runs(data):
+    config = dataclasses.replace(CONFIG, noise_schedule="none")
+    together = train_seeds(config, data, [0, 1])
+    for result in together:
+        alone = train(dataclasses.replace(config, seed=result.config.seed), data)
+        # Observed: parameters bitwise equal, per-step losses within 2 ulp (2.4e-7): the
+        # vmapped program sums the batch's per-example losses in another order. 1e-6
+        # relative is a few ulps of float32, far below any effect the sweep measures.
+        np.testing.assert_allclose(result.step_losses, alone.step_losses, rtol=1e-6)
+        for a, b in zip(result.params.values(), alone.params.values()):
+            for k in a:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+        for k in ("val_loss", "val_accuracy", "train_loss", "train_accuracy"):
+            np.testing.assert_allclose(result.history[k], alone.history[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(config=dataclasses.replace(CONFIG, epochs=3)), "--epochs saved 2, asked 3"),
+    (dict(config=dataclasses.replace(CONFIG, learning_rate=0.01)), "--lr saved"),
+    (dict(batch_sizes=[16, 32]), "--batch-sizes saved 16,64, asked 16,32"),
+    (dict(seeds=[0, 1, 2]), "--seeds saved 2, asked 3"),
+])
+def test_resume_refuses_a_different_configuration(reference, data, change, flag):
+    out, _ = reference
+    kwargs = dict(config=CONFIG, batch_sizes=BATCH_SIZES, seeds=SEEDS) | change
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(BatchjaxError) as err:
+        run_sweep(out, kwargs.pop("config"), data, resume=True, verbose=False, **kwargs)
+    message = str(err.value)
+    assert flag in message and "--out" in message and "\n" not in message
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_resume_refuses_other_data(reference, data):
+    with pytest.raises(BatchjaxError, match="--dataset saved mnist-5k .512 train"):
+        run_sweep(reference[0], CONFIG, data.subset(256, 256), batch_sizes=BATCH_SIZES,
+                  seeds=SEEDS, resume=True, verbose=False)
+
+
+def test_fresh_sweep_refuses_a_nonempty_directory(reference, data, tmp_path):
+    with pytest.raises(BatchjaxError, match="already holds a sweep; continue it with --resume, "
+                                            "or choose another --out"):
+        run_sweep(reference[0], CONFIG, data, batch_sizes=BATCH_SIZES, seeds=SEEDS,
+                  verbose=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BatchjaxError, match="is not empty .*choose another --out"):
+        run_sweep(tmp_path, CONFIG, data, batch_sizes=BATCH_SIZES, seeds=SEEDS, verbose=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_sizes=[0, 16]), "batch_size must be at least 1"),
+    (dict(batch_sizes=[16, 16]), "distinct"),
+    (dict(batch_sizes=[1024]), "larger than the training set"),
+    (dict(seeds=[]), "seeds must be a non-empty list"),
+    (dict(config=dataclasses.replace(CONFIG, probe_size=600)), "probe size 600 is larger"),
+])
+def test_bad_grid_is_refused_before_anything_is_written(data, tmp_path, kwargs, match):
+    kwargs = dict(config=CONFIG, batch_sizes=BATCH_SIZES, seeds=SEEDS) | kwargs
+    with pytest.raises(BatchjaxError, match=match):
+        run_sweep(tmp_path / "out", kwargs.pop("config"), data, verbose=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_divergence_is_saved_and_the_sweep_goes_on(data, tmp_path, capsys):
+    config = dataclasses.replace(CONFIG, learning_rate=1e20, noise_schedule="none")
+    stream = io.StringIO()
+    results = run_sweep(tmp_path, config, data, batch_sizes=BATCH_SIZES, seeds=[0],
+                        stream=stream)
+    assert [r.status for r in results.runs] == ["diverged", "diverged"]
+    assert all(r.diverged_step is not None for r in results.runs)
+    log = stream.getvalue()
+    assert "bs    16 | Epoch 1/2 - every seed has diverged" in log
+    assert "seed 0 diverged at step" in log and "bs    64 | training" in log
+    # Figures of diverged runs are drawn in tests/test_plots.py.
+    assert load_script("figures").main([str(tmp_path), "--no-figures"]) == 0
+    assert capsys.readouterr().out.count("DIVERGED at step") == 2
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_redrawn_on_one():
+    log = io.StringIO()
+    progress = Progress(4, stream=log)
+    progress.update()
+    progress.write("bs     8 | Epoch 1/2 - ...")
+    progress.update(3)
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("sweep [") and "1/4 epochs" in lines[0]
+    assert lines[1].startswith("bs     8 |") and "4/4 epochs 100%" in lines[2]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    progress = Progress(2, stream=tty)
+    progress.update()
+    progress.write("a line")
+    progress.close()
+    assert "\r" in tty.getvalue() and "a line\n" in tty.getvalue()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--batch-sizes", "0"], "batch_size must be at least 1"),
+    (["--batch-sizes", "8,x"], "comma-separated integers"),
+    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--lr", "nan"], "learning_rate must be a finite number"),
+    (["--dataset", "nope"], "nope"),
+    (["--dataset", "mnist-5k", "--batch-sizes", "5000"], "larger than the training set"),
+    (["--dataset", "mnist-5k", "--probe-size", "4001"], "probe size 4001 is larger"),
+])
+def test_cli_bad_input_is_one_line_and_status_2(argv, match, capsys, tmp_path):
+    sweep = load_script("sweep")
+    try:
+        status = sweep.main(argv + ["--out", str(tmp_path / "out"), "--quiet"])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and match in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unwritable_output_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    status = load_script("sweep").main(["--dataset", "mnist-5k", "--batch-sizes", "128",
+                                        "--epochs", "1", "--seeds", "1", "--quiet",
+                                        "--out", str(tmp_path / "file" / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_cli_figures_names_a_corrupt_file(reference, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    shutil.copytree(reference[0], out)
+    (out / "bs00064_seed1" / "metrics.json").write_text('{"complete": tr')
+    assert load_script("figures").main([str(out), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bs00064_seed1/metrics.json is corrupt" in err
+
+
+def test_sigint_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--dataset", "mnist-5k",
+            "--batch-sizes", "32,64", "--epochs", "2", "--seeds", "2", "--hidden", "16",
+            "--noise-every", "none", "--out", str(out), "--no-figures"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "bs00032_seed1" / "metrics.json"
+    deadline = time.monotonic() + 60
+    while not first.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the sweep never finished its first batch size"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1].startswith("interrupted: finished runs are saved")
+    partial = load_sweep(out)  # every file that exists is whole
+    assert {(32, 0), (32, 1)} <= {(r.batch_size, r.seed) for r in partial.runs}
+    assert partial.missing, "the signal arrived after the sweep had finished"
+    assert not list(out.rglob("*.tmp"))
+
+    resumed = subprocess.run(argv + ["--resume", "--quiet"], capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = run_sweep(tmp_path / "ref", TrainConfig(epochs=2, hidden=16,
+                                                        noise_schedule="none"),
+                          load_dataset("mnist-5k", verbose=False), batch_sizes=[32, 64],
+                          seeds=[0, 1], verbose=False)
+    assert_same_results(load_sweep(out), reference, rtol=1e-6)
