@@ -19,6 +19,7 @@ arrays would be baked into the executable as constants). Several seeds train tog
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -140,38 +141,78 @@ def epoch_batch_sizes(num_train: int, batch_size: int) -> np.ndarray:
     return np.asarray(sizes, np.int64)
 
 
+def make_train_steps(model: MLP | None, optimizer: optax.GradientTransformation | None,
+                     unroll: int = 1, *, train_step: Callable | None = None) -> Callable:
+    """`train_steps(state, x_N, y_N, idx_SxB) -> (state, EpochMetrics)`: S steps in one scan.
+
+    Step s trains on the examples `idx_SxB[s]`, gathered from the device-resident data inside
+    the loop (measured faster than building a shuffled copy of the data first). Every batch
+    has the same size; `train_step(state, x_B, y_B) -> (state, (loss, correct))` replaces the
+    Adam step of `model` and `optimizer` when given.
+    """
+    if train_step is None:
+        train_step = make_train_step(model, optimizer)
+
+    def train_steps(state: TrainState, x, y, idx_SxB):
+        def body(state, idx_B):
+            return train_step(state, jnp.take(x, idx_B, axis=0), jnp.take(y, idx_B, axis=0))
+
+        state, (losses, correct) = jax.lax.scan(body, state, idx_SxB, unroll=unroll)
+        return state, EpochMetrics(losses, correct)
+
+    return train_steps
+
+
+def epoch_permutation(key: jax.Array, num_train: int) -> jax.Array:
+    """The order in which an epoch visits the examples: a permutation drawn from `key`."""
+    return jax.random.permutation(key, num_train)
+
+
 def make_train_epoch(model: MLP | None, optimizer: optax.GradientTransformation | None,
                      num_train: int, batch_size: int, unroll: int = 1, *,
                      train_step: Callable | None = None) -> Callable:
     """`train_epoch(state, x_N, y_N, key) -> (state, EpochMetrics)`: one epoch, one function.
 
-    A permutation of the N examples from `key`; a `lax.scan` over the N // B full batches that
-    gathers each batch from the device-resident data inside the loop; then one step on the
-    N % B remaining examples when there are any. Not jitted here, so callers may `jax.vmap` it
-    over seeds before `jax.jit`. `train_step(state, x_B, y_B) -> (state, (loss, correct))`
-    replaces the Adam step of `model` and `optimizer` when given.
+    The permutation of the N examples from `key` (`epoch_permutation`); a `lax.scan` over the
+    N // B full batches (`make_train_steps`); then one step on the N % B remaining examples
+    when there are any. Not jitted here, so callers may `jax.vmap` it over seeds before
+    `jax.jit`. `train_step(state, x_B, y_B) -> (state, (loss, correct))` replaces the Adam
+    step of `model` and `optimizer` when given.
     """
     if train_step is None:
         train_step = make_train_step(model, optimizer)
+    train_steps = make_train_steps(None, None, unroll, train_step=train_step)
     num_full = num_train // batch_size
     remainder = num_train % batch_size
 
     def train_epoch(state: TrainState, x, y, key):
-        perm = jax.random.permutation(key, num_train)
+        perm = epoch_permutation(key, num_train)
         idx_SxB = perm[: num_full * batch_size].reshape(num_full, batch_size)
-
-        def body(state, idx_B):
-            return train_step(state, jnp.take(x, idx_B, axis=0), jnp.take(y, idx_B, axis=0))
-
-        state, (losses, correct) = jax.lax.scan(body, state, idx_SxB, unroll=unroll)
+        state, metrics = train_steps(state, x, y, idx_SxB)
         if remainder:
             idx_R = perm[num_full * batch_size:]
             state, (loss_r, correct_r) = train_step(state, x[idx_R], y[idx_R])
-            losses = jnp.concatenate([losses, loss_r[None]])
-            correct = jnp.concatenate([correct, correct_r[None]])
-        return state, EpochMetrics(losses, correct)
+            metrics = EpochMetrics(jnp.concatenate([metrics.losses, loss_r[None]]),
+                                   jnp.concatenate([metrics.correct, correct_r[None]]))
+        return state, metrics
 
     return train_epoch
+
+
+def measurement_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:
+    """Global steps after which the noise statistics are measured (0: before the first step).
+
+    "epoch": 0 and every epoch end. "log": 0, `noise_points` steps log-spaced between 1 and the
+    last step (rounded, duplicates merged), and every epoch end, so per-epoch records exist
+    under either schedule. "none": no measurements.
+    """
+    total = config.epochs * steps_per_epoch
+    if config.noise_schedule == "none":
+        return []
+    steps = {0, *(e * steps_per_epoch for e in range(1, config.epochs + 1))}
+    if config.noise_schedule == "log":
+        steps |= {int(round(s)) for s in np.geomspace(1, total, config.noise_points)}
+    return sorted(steps)
 
 
 def make_evaluate(model: MLP, chunk_size: int = 10_000) -> Callable:
@@ -293,8 +334,10 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
       devices: devices to spread the seeds over (default: all visible; see `seed_shardings`).
       on_epoch_end: called as `on_epoch_end(epoch, results)` after each epoch (1-based).
       measure: optional `measure(params_list, step, examples_seen) -> list[list[dict]]` (one
-        list of records per seed), called before the first step and after every epoch; the
-        records are appended to each run's `noise`.
+        list of records per seed), called after the steps of `measurement_steps(config, ...)`
+        (before the first step and at every epoch end; also at log-spaced steps inside epochs
+        for `noise_schedule="log"`); the records are appended to each run's `noise`. Its time
+        is not counted in `train_seconds`.
 
     Returns:
       One `TrainResult` per seed, in the order of `seeds`.
@@ -315,18 +358,22 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
 
     keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
     epoch_fn = make_train_epoch(model, optimizer, num_train, config.batch_size, config.unroll)
+    steps_fn = make_train_steps(model, optimizer, config.unroll)
     evaluate = make_evaluate(model)
+    perm_fn = functools.partial(epoch_permutation, num_train=num_train)
     if len(seeds) == 1:
         state = init_one(jax.random.wrap_key_data(keys[0]))
-        epoch_jit = jax.jit(epoch_fn, donate_argnums=0)
-        eval_jit = jax.jit(evaluate)
+        vmap_seeds = lambda fn, in_axes: fn  # noqa: E731
         unstack = lambda tree: [tree]  # noqa: E731
     else:
         state = jax.vmap(lambda k: init_one(jax.random.wrap_key_data(k)))(keys)
-        epoch_jit = jax.jit(jax.vmap(epoch_fn, in_axes=(0, None, None, 0)), donate_argnums=0)
-        eval_jit = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)))
+        vmap_seeds = jax.vmap
         unstack = lambda tree: [jax.tree.map(lambda a, i=i: a[i], tree)  # noqa: E731
                                 for i in range(len(seeds))]
+    epoch_jit = jax.jit(vmap_seeds(epoch_fn, in_axes=(0, None, None, 0)), donate_argnums=0)
+    steps_jit = jax.jit(vmap_seeds(steps_fn, in_axes=(0, None, None, 0)), donate_argnums=0)
+    perm_jit = jax.jit(vmap_seeds(perm_fn, in_axes=0))
+    eval_jit = jax.jit(vmap_seeds(evaluate, in_axes=(0, None, None)))
 
     seed_sharding, replicated = seed_shardings(len(seeds), devices)
     state = jax.device_put(state, seed_sharding)
@@ -358,11 +405,48 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
             if i in active:
                 results[i].noise.extend(records)
 
+    schedule = measurement_steps(config, steps_per_epoch) if measure is not None else []
+    batch_size, num_full = config.batch_size, num_train // config.batch_size
+
+    def run_segmented_epoch(state, epoch, cuts):
+        """The epoch in `lax.scan` segments, measuring after the local steps in `cuts`.
+
+        The same permutation and steps as `epoch_exec`, hence the same numbers; each distinct
+        segment length compiles once. Returns the state, metrics and seconds spent measuring.
+        """
+        perm = perm_jit(epoch_keys(epoch))
+        lead = perm.shape[:-1]
+        parts, measure_seconds = [], 0.0
+        for a, b in zip([0, *cuts], [*cuts, steps_per_epoch]):
+            if min(b, num_full) > a:
+                idx = perm[..., a * batch_size:min(b, num_full) * batch_size]
+                state, m = steps_jit(state, x_train, y_train,
+                                     idx.reshape(*lead, min(b, num_full) - a, batch_size))
+                parts.append(m)
+            if b > num_full:  # the partial last batch: a one-step segment of its own size
+                idx = perm[..., num_full * batch_size:]
+                state, m = steps_jit(state, x_train, y_train, idx.reshape(*lead, 1, -1))
+                parts.append(m)
+            if b < steps_per_epoch:
+                tm = time.perf_counter()
+                record_noise(state.params, epoch * steps_per_epoch + b,
+                             epoch * num_train + b * batch_size)
+                measure_seconds += time.perf_counter() - tm
+        metrics = EpochMetrics(*(jnp.concatenate([getattr(m, f) for m in parts], axis=-1)
+                                 for f in EpochMetrics._fields))
+        return state, metrics, measure_seconds
+
     if measure is not None:
         record_noise(state.params, 0, 0)
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
-        state, metrics = epoch_exec(state, x_train, y_train, epoch_keys(epoch))
+        cuts = [s - epoch * steps_per_epoch for s in schedule
+                if epoch * steps_per_epoch < s < (epoch + 1) * steps_per_epoch]
+        if cuts:
+            state, metrics, measure_seconds = run_segmented_epoch(state, epoch, cuts)
+        else:
+            state, metrics = epoch_exec(state, x_train, y_train, epoch_keys(epoch))
+            measure_seconds = 0.0
         losses = np.asarray(metrics.losses).reshape(len(seeds), steps_per_epoch)
         correct = np.asarray(metrics.correct).reshape(len(seeds), steps_per_epoch)
         t1 = time.perf_counter()
@@ -388,7 +472,7 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
             h["train_accuracy"].append(float(correct[i].sum() / num_train))
             h["val_loss"].append(float(val_loss[i]))
             h["val_accuracy"].append(float(val_acc[i]))
-            h["train_seconds"].append(t1 - t0)
+            h["train_seconds"].append(t1 - t0 - measure_seconds)
             h["eval_seconds"].append(t2 - t1)
             h["steps"].append((epoch + 1) * steps_per_epoch)
             h["examples_seen"].append((epoch + 1) * num_train)

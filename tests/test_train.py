@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from batchjax import BatchjaxError, TrainConfig, train
+from batchjax import BatchjaxError, TrainConfig, train, train_seeds
 from batchjax.data import load_dataset, make_synthetic
 from batchjax.model import MLP, init_params
 from batchjax.train import (cross_entropy, epoch_batch_sizes, init_train_state, make_evaluate,
@@ -183,3 +183,26 @@ def test_batch_size_larger_than_training_set(small):
     with pytest.raises(BatchjaxError, match="larger than the training set") as err:
         train(TrainConfig(batch_size=204), small)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1]])
+def test_log_schedule_measures_inside_epochs_without_changing_training(small, seeds):
+    calls = []
+
+    def measure(params_list, step, examples_seen):
+        calls.append((step, examples_seen))
+        return [[{"step": step}] for _ in params_list]
+
+    cfg = TrainConfig.tiny(batch_size=16, epochs=3, noise_schedule="log", noise_points=8)
+    logged = train_seeds(cfg, small, seeds, measure=measure)
+    # 203 examples at B = 16: 12 full batches and one of 11, 13 steps per epoch, 39 in all.
+    # log-spaced: geomspace(1, 39, 8) rounds to 1, 2, 3, 5, 8, 14, 23, 39; epoch ends 13, 26, 39.
+    expected_steps = [0, 1, 2, 3, 5, 8, 13, 14, 23, 26, 39]
+    assert [s for s, _ in calls] == expected_steps
+    seen = {s: e for s, e in calls}
+    assert seen[8] == 8 * 16 and seen[13] == 203 and seen[14] == 203 + 16 and seen[39] == 609
+    assert [r["step"] for r in logged[-1].noise] == expected_steps
+    plain = train_seeds(dataclasses.replace(cfg, noise_schedule="epoch"), small, seeds)
+    for a, b in zip(logged, plain):
+        np.testing.assert_array_equal(a.step_losses, b.step_losses)
+        assert a.history["val_loss"] == b.history["val_loss"]
