@@ -6,6 +6,9 @@ from batchjax.critical import (CriticalFit, fit_critical_batch, regimes, steps_t
 from batchjax.data import Dataset, load_dataset, make_synthetic
 from batchjax.errors import BatchjaxError
 from batchjax.model import MLP
+from batchjax.noise import (EmpiricalVariance, GradientStats, empirical_minibatch_variance,
+                            gradient_stats, make_measure, per_example_grads,
+                            per_example_sq_norms, two_batch_noise_estimate)
 from batchjax.sharpness import SharpnessResult, sharpness
 from batchjax.train import TrainResult, TrainState, train, train_seeds
 

@@ -18,12 +18,18 @@ legend), never plotted as numbers.
    with the finite-population correction), empirical points, 1/B reference.
 5. `figure_noise_over_training`: |G|^2, tr(Sigma) and B_simple over training.
 6. `figure_roughness_gap`: curve roughness and generalisation gap against batch size.
+7. `figure_sharpness_gap`: Hessian lambda_max and trace at the end of training against batch
+   size, next to the final training loss (the confound) and the generalisation gap.
+8. `figure_critical_batch`: steps to the training-loss target (and to the validation-accuracy
+   target) against batch size, with the fit of McCandlish et al. eq. 2.11, its regimes, B_crit
+   and B_simple (`batchjax.critical.plot_steps_to_target`), when >= 3 batch sizes reached it.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import textwrap
 import os
 import pathlib
 from typing import Sequence
@@ -35,7 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from batchjax import report
+from batchjax import critical, report
 from batchjax.results import Run, SweepResults, write_bytes_atomic
 
 # Okabe & Ito (2008), "Color Universal Design"; yellow last, it is faint on white.
@@ -459,6 +465,55 @@ def plot_gap(ax, results: SweepResults, *, metric: str = "loss"):
     ax.set_title(f"generalisation gap ({metric})")
 
 
+SHARPNESS_QUANTITIES = {  # run_stats key: (axis label, panel title)
+    "lambda_max": (r"$\lambda_\max$ of the Hessian", "sharpness: top eigenvalue"),
+    "hessian_trace": (r"tr($H$) (Hutchinson)", "sharpness: Hessian trace"),
+    "train_loss": ("training loss (final)", "final training loss (confound)"),
+}
+
+
+def plot_sharpness(ax, results: SweepResults, *, quantity: str = "lambda_max"):
+    """A `SHARPNESS_QUANTITIES` quantity at the end of training against batch size, log scale.
+
+    Points are means ± 1 s.d. over seeds; a batch size whose every run diverged (so was not
+    measured) is marked on the top edge.
+    """
+    bs, means, sds, dead = _per_batch(results, quantity)
+    _errorbars(ax, results, bs, means, sds, dead)
+    ax.set_yscale("log")
+    if len(means) and np.all(means > 0):
+        low = np.min(np.where(means - sds > 0, means - sds, means))
+        high = np.max(means + sds)
+        pad = max((high / low) ** 0.12, 1.1) if high > low else 1.5
+        ax.set_ylim(low / pad, high * pad)
+    _plain_log_ticks(ax.yaxis)
+    low, high = sorted(ax.get_ylim())
+    if 0 < low and high / low < 3:  # within half a decade: a tick at every 1..9 x 10^k
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=np.arange(1.0, 10.0), numticks=12))
+    _log2_batch_axis(ax, results.batch_sizes)
+    ax.set_ylabel(SHARPNESS_QUANTITIES[quantity][0])
+    ax.set_title(SHARPNESS_QUANTITIES[quantity][1])
+
+
+def plot_gap_against_sharpness(ax, results: SweepResults):
+    """The final loss gap against lambda_max, one point per run, coloured by batch size."""
+    for b, runs in results.by_batch_size().items():
+        style = batch_style(b, results.batch_sizes)
+        stats = [report.run_stats(r) for r in _ok(runs)]
+        pts = [(s["lambda_max"], s["gap_loss"]) for s in stats
+               if np.isfinite(s["lambda_max"]) and np.isfinite(s["gap_loss"])]
+        if pts:
+            x, y = np.asarray(pts).T
+            ax.plot(x, y, linestyle="none", color=style["color"], marker=style["marker"],
+                    markersize=4.5, mfc="none", mew=1.0)
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_xlabel(r"$\lambda_\max$ (each run)")
+    ax.set_ylabel("val - train loss")
+    ax.set_title("gap against sharpness, per run")
+
+
+
 # --------------------------------------------------------------------------------------------
 # Figures
 
@@ -579,6 +634,85 @@ def figure_roughness_gap(results: SweepResults) -> Figure:
     return fig
 
 
+def figure_sharpness_gap(results: SweepResults) -> Figure:
+    """Figure 7: sharpness and generalisation gap at the end of training against batch size."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 3, figsize=(PAGE_WIDTH, 4.8))
+        for ax, q in zip(axes[0], SHARPNESS_QUANTITIES):
+            plot_sharpness(ax, results, quantity=q)
+        plot_gap(axes[1, 0], results, metric="loss")
+        plot_gap(axes[1, 1], results, metric="accuracy")
+        plot_gap_against_sharpness(axes[1, 2], results)
+        if len(results.batch_sizes) > 6:  # a third of a page is too narrow for every label
+            shown = set(results.batch_sizes[::2])
+            for ax in axes.ravel()[:5]:
+                ax.xaxis.set_major_formatter(FuncFormatter(
+                    lambda v, _: f"{v:g}" if int(round(v)) in shown else ""))
+        extra = [_diverged_handle("diverged: not measured (top edge)")] \
+            if _any_diverged(results) else []
+        _figure_legend(fig, axes, extra)
+        records = [r.sharpness for r in results.runs if r.sharpness]
+        probe = f"{records[0]['num_examples']:,} training examples" if records else "?"
+        _suptitle(fig, results, f"Sharpness at the end of training (Hessian on {probe}) and "
+                  "generalisation gap, at equal epochs")
+    return fig
+
+
+def _plot_unfitted_target(ax, target: "report.TargetAnalysis") -> None:
+    """The mean steps to a target that has no fit, and why there is none."""
+    steps = np.where(target.steps > 0, target.steps, np.nan) if target.steps.size else None
+    if steps is not None and np.isfinite(steps).any():
+        reached = np.isfinite(steps).any(axis=1)
+        upper = target.upper_bound.any(axis=1)
+        for mask, marker, label in ((reached & ~upper, "o", "mean over seeds"),
+                                    (reached & upper, "v", "upper bound (target reached at "
+                                                           "the first evaluation)")):
+            if mask.any():
+                ax.plot(target.batch_sizes[mask], np.nanmean(steps[mask], axis=1), marker,
+                        color=PALETTE[0], ms=4, label=label)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.text(0.5, 0.5, "no fit: " + textwrap.fill(target.note or "", 45), ha="center",
+            va="center", transform=ax.transAxes, fontsize=7,
+            bbox={"facecolor": "white", "edgecolor": "0.6", "lw": 0.5})
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(f"steps to {target.label}")
+
+
+def figure_critical_batch(results: SweepResults,
+                          analysis: "report.CriticalAnalysis | None" = None) -> Figure | None:
+    """Figure 8: steps to target against batch size with the fit of eq. 2.11; None if no fit.
+
+    Left, the training-loss target (per-step resolution); right, the validation-accuracy target
+    (epoch resolution; upper bounds are drawn as x and not fitted). A target without a fit
+    says why. None when neither target has a fit.
+    """
+    analysis = analysis if analysis is not None else report.critical_analysis(results)
+    targets = (analysis.primary, analysis.secondary)
+    if all(t.fit is None for t in targets):
+        return None
+    b_simple = analysis.b_simple.mean if analysis.b_simple.n else None
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 4.4))
+        for ax, t, name in zip(axes, targets, ("primary", "secondary")):
+            if t.fit is None:
+                _plot_unfitted_target(ax, t)
+            else:
+                steps = np.where(t.steps > 0, t.steps, np.nan)
+                critical.plot_steps_to_target(ax, t.batch_sizes, steps, t.fit,
+                                              b_simple=b_simple, color=PALETTE[0],
+                                              ylabel=f"steps to {t.label}")
+                ax.get_legend().set_bbox_to_anchor((0.5, -0.2))
+            resolution = "per step" if t.kind == "train_loss" else "per epoch"
+            ax.set_title(f"{name}: {t.label} ({resolution})")
+        _suptitle(fig, results, "Critical batch size: steps to a target, the fit of McCandlish "
+                  "et al. eq. 2.11 and its regimes", stat="hollow: each seed; filled: mean")
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 # Saving
 
@@ -598,9 +732,16 @@ def save_figure(fig: Figure, directory: str | os.PathLike, name: str) -> list[pa
     return paths
 
 
-def make_figures(results: SweepResults, figures_dir: str | os.PathLike
+def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
+                 target_loss: float | None = None, target_accuracy: float | None = None
                  ) -> tuple[list[pathlib.Path], list[str]]:
     """Draw and save every figure of a sweep.
+
+    Args:
+      results: a loaded sweep.
+      figures_dir: where the PDF and PNG files go.
+      target_loss, target_accuracy: targets of the critical-batch-size figure (defaults as in
+        `report.critical_analysis`).
 
     Returns:
       The written files and notes on figures that were skipped (e.g. no noise records).
@@ -618,4 +759,16 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike
         notes.append("no gradient-noise records in these results (noise schedule 'none'): "
                      "figures 4 (gradient_variance) and 5 (noise_over_training) skipped")
     paths += save_figure(figure_roughness_gap(results), figures_dir, "roughness_gap")
+    if results.has_sharpness:
+        paths += save_figure(figure_sharpness_gap(results), figures_dir, "sharpness_gap")
+    else:
+        notes.append("no sharpness measurements in these results (--no-sharpness): figure 7 "
+                     "(sharpness_gap) skipped")
+    analysis = report.critical_analysis(results, target_loss=target_loss,
+                                        target_accuracy=target_accuracy)
+    fig = figure_critical_batch(results, analysis)
+    if fig is not None:
+        paths += save_figure(fig, figures_dir, "critical_batch")
+    else:
+        notes.append(f"figure 8 (critical_batch) skipped: {analysis.primary.note}")
     return paths, notes

@@ -26,6 +26,21 @@ Reads saved results only (`batchjax.results.load_sweep`) and writes, into the sw
   reaches at some epoch end, rounded down to 0.5 percentage points. Time to target counts training
   and validation seconds, not compilation; seeds of a batch size train together (vmapped), so
   epoch times are those of the group.
+
+Beyond the original, two sections (after the claims):
+* Sharp minima (Keskar et al. 2017): lambda_max and tr(H) of the training-loss Hessian at each
+  run's end (`batchjax.sharpness`, as saved by the sweep) per batch size; "smaller batches ended
+  in flatter minima" is supported when both are smaller at the smallest than at the largest
+  batch size by more than 2 SE. The runs end at equal epochs but different training losses, a
+  confound the section states with the numbers.
+* Critical batch size (McCandlish et al. 2018, eq. 2.11; `batchjax.critical`): steps to a target
+  per batch size and the fit of S(B) = S_min + E_min / B. Primary target: a training loss, read
+  from the smoothed per-step losses (per-step resolution); by default the lowest smoothed loss
+  every non-diverged run reaches, rounded up to two significant digits. Secondary: the
+  validation-accuracy target of claim 4 (epoch resolution; runs at the target at their first
+  evaluation are upper bounds, left out of the fit). A fit needs >= 3 batch sizes at which every
+  seed reached the target; B_crit is compared with B_simple averaged over training (each run's
+  mean over its noise records, then the mean over runs).
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import pathlib
@@ -40,7 +56,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from batchjax.results import Run, SweepResults, write_bytes_atomic
+from batchjax import critical
+from batchjax.errors import BatchjaxError
+from batchjax.results import Run, SweepResults, to_jsonable, write_bytes_atomic
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 Z_SIGNIFICANT = 2.0
@@ -137,6 +155,11 @@ def run_stats(run: Run, target_accuracy: float | None = None) -> dict[str, float
         "val_loss_epoch1": float(h["val_loss"][0]) if ok else nan,
         "best_val_accuracy": float(np.max(h["val_accuracy"])) if ok else nan,
     }
+    hessian = run.sharpness if ok and run.sharpness else {}
+    for key, field in (("lambda_max", "lambda_max"), ("lambda_min", "lambda_min"),
+                       ("hessian_trace", "trace")):
+        value = hessian.get(field)
+        stats[key] = float(value) if value is not None else nan
     if target_accuracy is not None and ok:
         reached = np.nonzero(h["val_accuracy"] >= target_accuracy)[0]
         if len(reached):
@@ -205,6 +228,8 @@ COLUMNS = [  # key, header, format
     ("gap_loss", "loss gap", ".4f"),
     ("gap_accuracy", "acc gap", ".4f"),
     ("b_simple_end", "B_simple end", ".1f"),
+    ("lambda_max", "lambda_max", ".3g"),
+    ("hessian_trace", "tr(H)", ".3g"),
     ("roughness", "roughness", ".4f"),
     ("roughness_relative", "rel. roughness", ".3f"),
     ("wall_seconds", "time (s)", ".2f"),
@@ -712,6 +737,477 @@ def evaluate_claims(results: SweepResults, target_accuracy: float | None = None)
 
 
 # --------------------------------------------------------------------------------------------
+# Beyond the original: sharpness
+
+
+def _sharpness_settings_text(results: SweepResults) -> str:
+    settings = results.manifest.get("sharpness") or {}
+    records = [r.sharpness for r in results.runs if r.sharpness]
+    n = records[0].get("num_examples") if records else None
+    probes = records[0].get("hutchinson_samples") if records else settings.get(
+        "hutchinson_samples")
+    return (f"the Hessian of the mean training loss over the first {n or '?':,} training "
+            f"examples at each run's final parameters; lambda_max by Lanczos on Hessian-vector "
+            f"products to a relative Ritz residual of {settings.get('tol', '?')}, tr(H) by "
+            f"Hutchinson's estimator with {probes} Rademacher probes")
+
+
+def _log_slope(batch_sizes: Sequence[int], values: Sequence[float]) -> tuple[float, float]:
+    """OLS slope of log2(value) on log2(B) over runs and its standard error (NaN if < 3 runs)."""
+    x, y = np.log2(np.asarray(batch_sizes, float)), np.log2(np.asarray(values, float))
+    if len(x) < 3 or np.ptp(x) == 0:
+        return float("nan"), float("nan")
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + intercept)
+    se = math.sqrt(np.sum(resid ** 2) / (len(x) - 2) / np.sum((x - x.mean()) ** 2))
+    return float(slope), float(se)
+
+
+def _loss_ratio_text(summary, bs) -> str:
+    small, large = summary[bs[0]]["train_loss"].mean, summary[bs[-1]]["train_loss"].mean
+    if not (np.isfinite(small) and np.isfinite(large) and small > 0 and large > 0):
+        return ""
+    ratio = large / small
+    return (f", where B = {bs[0]} also ended at a {ratio:.2g}x lower training loss (see the "
+            "confound)" if ratio > 1 else f", where B = {bs[0]} ended at a {1 / ratio:.2g}x "
+            "HIGHER training loss")
+
+
+def sharpness_section(results: SweepResults, summary) -> list[str]:
+    """Markdown lines of the section testing the "sharp minima" claim (Keskar et al. 2017)."""
+    title = "## Sharp minima (Keskar et al. 2017)"
+    statement = ("Keskar et al. (2017, arXiv:1609.04836) report that large-batch training "
+                 "converges to sharp minimizers of the training loss and small-batch training to "
+                 "flat ones, and that the sharp ones generalise worse; the original write-up "
+                 "speaks of large batches settling in \"sharp local minima\".")
+    if not results.has_sharpness:
+        return [title, "", statement, "", "Not measured in this sweep (run with --sharpness).",
+                ""]
+    bs = list(summary)
+    lines = [title, "", statement, "",
+             f"*Measured:* {_sharpness_settings_text(results)}. Every run stops after the same "
+             "number of epochs, so batch sizes are compared at equal epochs (not at equal "
+             "steps or equal training loss). Mean ± s.d. over seeds; diverged runs have no "
+             "sharpness and are left out.", "",
+             "| B | lambda_max | tr(H) | lambda_min | final train loss | loss gap | "
+             "val accuracy |", "|---|---|---|---|---|---|---|"]
+    for b in bs:
+        row = summary[b]
+        lines.append(f"| {b} | {row['lambda_max'].format('.3g')} | "
+                     f"{row['hessian_trace'].format('.3g')} | {row['lambda_min'].format('.3g')} | "
+                     f"{row['train_loss'].format('.4f')} | {row['gap_loss'].format('.4f')} | "
+                     f"{row['val_accuracy'].format('.4f')} |")
+    lines.append("")
+    runs = [r for r in results.runs if r.sharpness and not r.diverged]
+    evidence, outcomes = [], []
+    for key, name in (("lambda_max", "lambda_max"), ("hessian_trace", "tr(H)")):
+        pts = [(r.batch_size, r.sharpness[key if key == "lambda_max" else "trace"])
+               for r in runs]
+        pts = [(b, v) for b, v in pts if v is not None and np.isfinite(v) and v > 0]
+        slope, slope_se = _log_slope([p[0] for p in pts], [p[1] for p in pts])
+        if len(bs) < 2:
+            outcomes.append("unknown")
+            continue
+        diff, se, z, b0, b1 = _sig_decreasing(summary, key)
+        evidence.append(f"{name}({b0}) - {name}({b1}) = {diff:+.4g} ± {se:.2g} (SE), "
+                        f"z = {_fmt_z(z)}; log2-log2 slope against B over {len(pts)} runs: "
+                        + (f"{slope:+.2f} ± {slope_se:.2f}" if np.isfinite(slope) else "n/a"))
+        outcomes.append("unknown" if np.isnan(z) else "flatter" if z < -Z_SIGNIFICANT
+                        else "sharper" if z > Z_SIGNIFICANT else "same")
+    gap_pts = [(math.log(r.sharpness["lambda_max"]), run_stats(r)["gap_loss"]) for r in runs
+               if r.sharpness.get("lambda_max", 0) > 0]
+    gap_pts = [p for p in gap_pts if np.isfinite(p[1])]
+    corr = float("nan")
+    if len(gap_pts) >= 3 and np.ptp([p[0] for p in gap_pts]) > 0 \
+            and np.ptp([p[1] for p in gap_pts]) > 0:
+        corr = float(np.corrcoef(np.asarray(gap_pts).T)[0, 1])
+        evidence.append(f"correlation of log lambda_max with the loss gap over {len(gap_pts)} "
+                        f"runs: r = {corr:+.2f} (runs of all batch sizes pooled, so it mixes "
+                        "the batch size's effect on both)")
+    negative = [r for r in runs if r.sharpness.get("lambda_min") is not None
+                and r.sharpness["lambda_min"] < 0]
+    if runs:
+        ratios = [abs(r.sharpness["lambda_min"]) / r.sharpness["lambda_max"] for r in negative
+                  if r.sharpness["lambda_max"] > 0]
+        # The smallest Ritz value bounds the smallest eigenvalue from above (Cauchy
+        # interlacing), so a negative one proves a direction of negative curvature; its size
+        # says whether that matters.
+        median = float(np.median(ratios)) if ratios else float("nan")
+        evidence.append(f"lambda_min < 0 in {len(negative)}/{len(runs)} runs"
+                        + (f" (median |lambda_min| / lambda_max = {median:.2g})"
+                           if ratios else "")
+                        + (": the end points are minima up to nearly flat directions"
+                           if median < 1e-3 else
+                           ": the end points are not minima, as usual for a network trained "
+                           "for a fixed number of epochs" if negative else ""))
+    unconverged = [r for r in runs if not r.sharpness.get("converged", True)]
+    if unconverged:
+        evidence.append(f"Lanczos did not reach its tolerance in {len(unconverged)} run(s); "
+                        "their lambda_max is a lower bound")
+    if "unknown" in outcomes or len(bs) < 2:
+        verdict = INCONCLUSIVE
+        reason = ("Only one batch size." if len(bs) < 2 else
+                  f"At {summary[bs[0]]['lambda_max'].n} seed(s) the seed-to-seed uncertainty "
+                  "cannot be estimated.")
+    elif outcomes == ["flatter", "flatter"]:
+        verdict = SUPPORTED
+        ratio = summary[bs[-1]]["lambda_max"].mean / summary[bs[0]]["lambda_max"].mean
+        reason = (f"B = {bs[0]} ended at a flatter point than B = {bs[-1]} by both measures "
+                  f"(lambda_max {ratio:.2g}x smaller), beyond 2 SE, at equal epochs"
+                  + _loss_ratio_text(summary, bs) + ".")
+    elif outcomes == ["sharper", "sharper"]:
+        verdict = NOT_SUPPORTED
+        reason = (f"B = {bs[0]} ended at a SHARPER point than B = {bs[-1]} by both measures, "
+                  "beyond 2 SE, at equal epochs" + _loss_ratio_text(summary, bs) + ".")
+    else:
+        verdict = INCONCLUSIVE
+        reason = (f"lambda_max and tr(H) do not both separate the smallest from the largest "
+                  f"batch size in the same direction (lambda_max: {outcomes[0]}, tr(H): "
+                  f"{outcomes[1]} at B = {bs[0]} relative to B = {bs[-1]}).")
+    losses = {b: summary[b]["train_loss"].mean for b in bs}
+    confound = ("*Confound.* The comparison is at equal epochs, and the runs end at different "
+                "training losses")
+    if len(bs) > 1 and all(np.isfinite(list(losses.values()))):
+        confound += (f": {losses[bs[0]]:.4f} at B = {bs[0]} against {losses[bs[-1]]:.4f} at "
+                     f"B = {bs[-1]} (final parameters, whole training set)")
+    confound += (". The Hessian of the softmax cross-entropy is weighted by the predicted "
+                 "probabilities' variance p(1 - p), which vanishes as the training examples are "
+                 "fitted with growing confidence: a run that has gone further down the loss is "
+                 "flatter for that reason alone, whatever its batch size. Sharpness measured "
+                 "once at the end cannot separate the two; comparing at equal training loss "
+                 "would. Sharpness also depends on the parametrisation (Dinh et al. 2017, "
+                 "arXiv:1703.04933), so it is a description of these runs, not a cause of the "
+                 "gap.")
+    lines += [f"**Smaller batches ended in flatter minima here: {verdict}.** {reason}", ""]
+    lines += [f"- {e}" for e in evidence] + ["", confound, ""]
+    if np.isfinite(corr):
+        lines += [f"*Sharper and worse?* Across runs, r = {corr:+.2f} between log lambda_max "
+                  "and the loss gap: " + ("sharper end points went with larger gaps" if
+                                          corr > 0.5 else "sharper end points went with "
+                                          "SMALLER gaps" if corr < -0.5 else
+                                          "no strong relation") + " in this sweep.", ""]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Beyond the original: the critical batch size
+
+
+def min_smoothed_loss(run: Run, window_examples: int = critical.LOSS_WINDOW_EXAMPLES) -> float:
+    """The lowest smoothed per-step training loss of a run (before any non-finite loss)."""
+    losses = np.asarray(run.step_losses, np.float64)
+    finite = np.isfinite(losses)
+    stop = len(losses) if finite.all() else int(np.argmin(finite))
+    if stop == 0:
+        return float("nan")
+    return float(np.min(critical.smooth_step_losses(losses[:stop], run.step_batch_sizes[:stop],
+                                                    window_examples)))
+
+
+def _ceil_significant(value: float, digits: int = 2) -> float:
+    scale = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    return float(f"{math.ceil(value / scale - 1e-9) * scale:.{digits}g}")
+
+
+def default_target_loss(results: SweepResults) -> float | None:
+    """The lowest smoothed training loss every non-diverged run reaches, rounded up to two
+    significant digits (so that every run does reach it)."""
+    lows = [min_smoothed_loss(r) for r in results.runs if not r.diverged]
+    lows = [v for v in lows if np.isfinite(v) and v > 0]
+    return _ceil_significant(max(lows)) if lows else None
+
+
+@dataclasses.dataclass
+class TargetAnalysis:
+    """Steps to one target per batch size and seed, and the fit of eq. 2.11 to them.
+
+    Attributes:
+      kind: "train_loss" or "val_accuracy".
+      target: the target value, or None when none could be chosen.
+      chosen: how the target was chosen (for the report).
+      batch_sizes, seeds: the table's axes.
+      steps, examples: [num_B, num_seeds], NaN where not reached (or the run is missing).
+      upper_bound: [num_B, num_seeds], reached at the first measurement, so steps are only an
+        upper bound (left out of the fit).
+      fit: the `critical.CriticalFit`, or None.
+      note: why there is no fit, or None.
+    """
+
+    kind: str
+    target: float | None
+    chosen: str
+    batch_sizes: np.ndarray
+    seeds: np.ndarray
+    steps: np.ndarray
+    examples: np.ndarray
+    upper_bound: np.ndarray
+    fit: Any = None
+    note: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.target is None:
+            return "n/a"
+        return (f"training loss {self.target:g}" if self.kind == "train_loss"
+                else f"val. accuracy {100 * self.target:.1f}%")
+
+    @property
+    def fit_steps(self) -> np.ndarray:
+        """The steps the fit uses: upper bounds removed."""
+        return np.where(self.upper_bound, np.nan, self.steps)
+
+
+def analyse_target(results: SweepResults, kind: str, target: float | None,
+                   chosen: str) -> TargetAnalysis:
+    """Steps to `target` for every run of the sweep and, with >= 3 batch sizes, the fit."""
+    empty = np.zeros((0, 0))
+    if target is None:
+        return TargetAnalysis(kind, None, chosen, np.zeros(0, int), np.zeros(0, int), empty,
+                              empty, empty.astype(bool),
+                              note="no target: no run has a finished epoch")
+    kw = {kind: target}
+    batch_sizes, seeds, steps, examples = critical.steps_to_target_table(results.runs, **kw)
+    upper = np.zeros(steps.shape, bool)
+    for r in results.runs:
+        i, j = np.searchsorted(batch_sizes, r.batch_size), np.searchsorted(seeds, r.seed)
+        if kind == "val_accuracy":
+            acc = r.history["val_accuracy"]
+            upper[i, j] = bool(len(acc) and acc[0] >= target - 1e-6)
+        else:
+            upper[i, j] = steps[i, j] == 0  # below the target before the first step
+    analysis = TargetAnalysis(kind, target, chosen, batch_sizes, seeds, steps, examples, upper)
+    fit_steps = analysis.fit_steps
+    full = np.isfinite(fit_steps).all(axis=1)
+    if full.sum() < 3:
+        reached = np.isfinite(steps).all(axis=1)
+        analysis.note = (f"only {int(full.sum())} of {len(batch_sizes)} batch sizes reached "
+                         f"{analysis.label} with every seed"
+                         + (f" ({int(reached.sum() - full.sum())} more only "
+                            + ("at their first evaluation, an upper bound)"
+                               if kind == "val_accuracy" else "at step 0 of the smoothed loss)")
+                            if reached.sum() > full.sum() else "")
+                         + "; the fit of eq. 2.11 needs at least 3 (more batch sizes, e.g. "
+                         "--preset critical, or more epochs, or another target)")
+        return analysis
+    try:
+        analysis.fit = critical.fit_critical_batch(batch_sizes, fit_steps,
+                                                   num_bootstrap=1000 if len(seeds) > 1 else 0)
+    except BatchjaxError as err:
+        analysis.note = str(err)
+    return analysis
+
+
+def run_b_simple(run: Run, until_step: float | None = None) -> float:
+    """A run's B_simple averaged over training: the mean over its noise records (those at or
+    before `until_step`, when given)."""
+    values = [float(rec["noise_scale"]) for rec in run.noise
+              if rec.get("noise_scale") is not None and np.isfinite(rec["noise_scale"])
+              and (until_step is None or rec.get("step", 0) <= until_step)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+@dataclasses.dataclass
+class CriticalAnalysis:
+    """The critical-batch-size analysis of a sweep (see `critical_analysis`)."""
+
+    primary: TargetAnalysis
+    secondary: TargetAnalysis
+    b_simple: Estimate
+    b_simple_by_batch_size: dict[int, Estimate]
+    records_per_run: int
+    b_simple_to_target: Estimate  # over the records up to each run's primary crossing
+
+
+def critical_analysis(results: SweepResults, *, target_loss: float | None = None,
+                      target_accuracy: float | None = None) -> CriticalAnalysis:
+    """Steps to a training-loss target (primary) and a validation-accuracy target (secondary),
+    their fits of McCandlish et al. eq. 2.11, and B_simple averaged over training.
+
+    Args:
+      results: a loaded sweep.
+      target_loss: training-loss target (default `default_target_loss`).
+      target_accuracy: validation-accuracy target (default `default_target_accuracy`).
+    """
+    loss = target_loss if target_loss is not None else default_target_loss(results)
+    acc = target_accuracy if target_accuracy is not None else default_target_accuracy(results)
+    primary = analyse_target(
+        results, "train_loss", loss,
+        "given" if target_loss is not None else
+        "the lowest smoothed training loss every run reaches, rounded up to two significant "
+        "digits")
+    secondary = analyse_target(
+        results, "val_accuracy", acc,
+        "given" if target_accuracy is not None else
+        "the best validation accuracy every run reaches, rounded down to 0.5 points")
+    ok = [r for r in results.runs if not r.diverged]
+    by_batch = {b: Estimate.of([run_b_simple(r) for r in ok if r.batch_size == b])
+                for b in results.batch_sizes}
+    to_target = []
+    for r in ok:
+        if primary.steps.size:
+            i = np.searchsorted(primary.batch_sizes, r.batch_size)
+            crossing = primary.steps[i, np.searchsorted(primary.seeds, r.seed)]
+            if np.isfinite(crossing):
+                to_target.append(run_b_simple(r, until_step=crossing))
+    return CriticalAnalysis(primary, secondary, Estimate.of([run_b_simple(r) for r in ok]),
+                            by_batch, max((len(r.noise) for r in ok), default=0),
+                            Estimate.of(to_target))
+
+
+def critical_record(analysis: CriticalAnalysis) -> dict[str, Any]:
+    """The critical-batch-size analysis as plain values (NaN: not reached)."""
+    def target(t: TargetAnalysis) -> dict[str, Any]:
+        return {"kind": t.kind, "target": t.target, "chosen": t.chosen,
+                "batch_sizes": t.batch_sizes, "seeds": t.seeds, "steps": t.steps,
+                "examples": t.examples, "upper_bound": t.upper_bound,
+                "fit": t.fit.to_dict() if t.fit is not None else None, "note": t.note}
+
+    return {"primary": target(analysis.primary), "secondary": target(analysis.secondary),
+            "b_simple_mean": analysis.b_simple.mean, "b_simple_sd": analysis.b_simple.sd,
+            "b_simple_runs": analysis.b_simple.n,
+            "b_simple_to_primary_target_mean": analysis.b_simple_to_target.mean,
+            "b_simple_by_batch_size": {b: e.mean for b, e in
+                                       analysis.b_simple_by_batch_size.items()}}
+
+
+def _interval_text(interval) -> str:
+    return (f"; 95% bootstrap interval over seeds [{critical._number(interval[0])}, "
+            f"{critical._number(interval[1])}]" if interval else "")
+
+
+def _target_lines(analysis: TargetAnalysis, heading: str, caveat: str) -> list[str]:
+    lines = [f"### {heading}: {analysis.label}", "",
+             f"Target: {analysis.label} ({analysis.chosen}). {caveat}", ""]
+    if analysis.target is None:
+        return lines + [f"**No fit:** {analysis.note}.", ""]
+    fit = analysis.fit
+    bounds = critical.regimes(fit) if fit is not None and fit.valid else None
+    lines += ["| B | steps to target | examples to target | seeds reached | regime |",
+              "|---|---|---|---|---|"]
+    for i, b in enumerate(analysis.batch_sizes):
+        steps, examples = analysis.steps[i], analysis.examples[i]
+        n_up = int(analysis.upper_bound[i].sum())
+        reached = int(np.isfinite(steps).sum())
+        regime = bounds.regime(b).replace("_", " ") if bounds else "-"
+        if fit is not None and float(b) not in fit.batch_sizes:
+            regime += " (not in fit)"
+        mark = ""
+        if n_up:
+            mark = (f" ({n_up} at the first evaluation: upper bound)"
+                    if analysis.kind == "val_accuracy" else f" ({n_up} at step 0: not fitted)")
+        lines.append(f"| {b} | {Estimate.of(steps).format('.0f')} | "
+                     f"{Estimate.of(examples).format('.0f')} | {reached}/{len(steps)}{mark} | "
+                     f"{regime} |")
+    lines.append("")
+    if fit is None:
+        return lines + [f"**No fit:** {analysis.note}.", ""]
+    b_text = (f"**B_crit = {critical._number(fit.b_crit)} ± {fit.b_crit_stderr:.2g}** (± SE of "
+              "the weighted fit, delta method"
+              + (_interval_text(fit.b_crit_interval) if fit.num_seeds >= 3 else "") + ")")
+    lines.append(f"Fit over B = {', '.join(f'{b:g}' for b in fit.batch_sizes)}"
+                 + (f" (left out: {', '.join(f'{b:g}' for b in fit.excluded_batch_sizes)})"
+                    if fit.excluded_batch_sizes else "")
+                 + f": S_min = {critical._number(fit.s_min)} ± {fit.s_min_stderr:.2g} steps, "
+                 f"E_min = {critical._number(fit.e_min)} ± {fit.e_min_stderr:.2g} examples, "
+                 f"{b_text}; relative rms residual {fit.rms_relative_residual:.2g}."
+                 + (f" With {len(fit.batch_sizes)} batch sizes the residual SE rests on "
+                    f"{len(fit.batch_sizes) - 2} degree(s) of freedom and S_min on the largest "
+                    "one or two batch sizes; "
+                    + ("the bootstrap interval is the better guide, and "
+                       if fit.b_crit_interval and fit.num_seeds >= 3 else "")
+                    + "--preset critical (8 batch sizes) is the better experiment."
+                    if len(fit.batch_sizes) < 5 else ""))
+    if bounds:
+        lines.append(f"Regimes (Shallue et al. 2019; factor {bounds.factor:g}): perfect scaling "
+                     f"for B ≤ {critical._number(bounds.perfect_scaling_max)}, diminishing "
+                     f"returns in between, maximal data parallelism for B ≥ "
+                     f"{critical._number(bounds.maximal_parallelism_min)}.")
+    else:
+        lines.append(f"The fit is not of the model's shape (S_min = {fit.s_min:.3g}, E_min = "
+                     f"{fit.e_min:.3g}): no B_crit or regimes to report.")
+    return lines + [""]
+
+
+def critical_section(results: SweepResults, analysis: CriticalAnalysis) -> list[str]:
+    """Markdown lines of the critical-batch-size section."""
+    lines = ["## Critical batch size (McCandlish et al. 2018)", "",
+             "McCandlish et al. (2018, arXiv:1812.06162, eq. 2.11) model the optimizer steps S "
+             "and examples E = B S needed to reach a target as (S / S_min - 1)(E / E_min - 1) = "
+             "1, i.e. S(B) = S_min + E_min / B, with the critical batch size B_crit = E_min / "
+             "S_min: below it, doubling B nearly halves the steps; above it, it barely saves "
+             "any. Steps to target are the first crossing per run; the fit uses the mean over "
+             "seeds of each batch size that every seed brought to the target, weighted by "
+             "relative error (`batchjax.critical`).", ""]
+    lines += _target_lines(
+        analysis.primary, "Primary target",
+        f"Per-step resolution: every step's minibatch loss, smoothed by a centred moving "
+        f"average over {critical.LOSS_WINDOW_EXAMPLES:,} examples, crossing interpolated "
+        "between steps.")
+    n_val = results.dataset.get("num_train", 0)
+    lines += _target_lines(
+        analysis.secondary, "Secondary target",
+        "Resolution caveat: validation runs only at epoch ends, so the crossing is "
+        "interpolated between two evaluations one epoch apart"
+        + (f" ({n_val // results.batch_sizes[0]:,} steps at B = {results.batch_sizes[0]})"
+           if n_val and results.batch_sizes else "")
+        + "; a run already at the target at its first evaluation gives only an upper bound "
+          "and is left out of the fit.")
+    lines += ["### B_crit against the measured noise scale", ""]
+    b_simple = analysis.b_simple
+    if not b_simple.n:
+        return lines + ["No gradient-noise records: B_simple is unavailable (run with "
+                        "--noise-every epoch).", ""]
+    per_b = "; ".join(f"{b}: {e.format('.0f')}" for b, e in
+                      analysis.b_simple_by_batch_size.items() if e.n)
+    lines += [f"B_simple = tr(Sigma) / |G|^2 averaged over training (each run's mean over its "
+              f"{analysis.records_per_run} noise records, then over {b_simple.n} runs): "
+              f"**{b_simple.format('.0f')}** (mean ± s.d. over runs; per batch size: {per_b}).",
+              ""]
+    early = analysis.b_simple_to_target
+    if early.n:
+        lines += [f"Averaged only over the records up to each run's crossing of the primary "
+                  f"target (the part of training that the steps to target count; the noise "
+                  f"scale grows as the loss falls): {early.format('.0f')} over {early.n} runs.",
+                  ""]
+    lines.append("The paper derives B_crit ≈ B_noise for SGD near a quadratic minimum, with "
+                 "B_simple equal to B_noise when the Hessian is a multiple of the identity, and "
+                 "finds B_simple a good predictor of the measured B_crit up to a factor of order "
+                 "one. This sweep trains with Adam, whose per-parameter step sizes are outside "
+                 "that derivation.")
+    lines.append("")
+    for target in (analysis.primary, analysis.secondary):
+        fit = target.fit
+        if fit is None or not fit.valid:
+            lines.append(f"- {target.label}: no B_crit to compare"
+                         + (f" ({target.note})" if target.note else "") + ".")
+            continue
+        ratio = fit.b_crit / b_simple.mean
+        inside = ""
+        if fit.b_crit_interval and fit.num_seeds >= 3:
+            lo, hi = fit.b_crit_interval
+            where = "inside" if lo <= b_simple.mean <= hi else "outside"
+            inside = f" B_simple lies {where} the bootstrap interval of B_crit."
+        lines.append(f"- {target.label}: B_crit = {critical._number(fit.b_crit)} ± "
+                     f"{fit.b_crit_stderr:.2g} against B_simple = {b_simple.mean:.0f}: "
+                     f"B_crit / B_simple = {ratio:.2g}." + inside)
+    lines.append("")
+    primary = analysis.primary.fit
+    if primary is not None and primary.valid:
+        ratio = primary.b_crit / b_simple.mean
+        found = (f"with Adam, B_crit and B_simple agree within a factor of "
+                 f"{max(ratio, 1 / ratio):.2g}." if 0.5 <= ratio <= 2 else
+                 f"with Adam, B_crit is {ratio:.2g} times B_simple averaged over training: "
+                 + ("the benefit of larger batches saturates well before the gradient noise "
+                    "scale predicts." if ratio < 1 else "larger batches keep paying off "
+                    "beyond the gradient noise scale."))
+        if early.n:
+            found += (f" Up to the target, B_crit / B_simple = "
+                      f"{primary.b_crit / early.mean:.2g}.")
+        lines += ["**Found (primary target):** " + found, ""]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
 # The report
 
 
@@ -728,7 +1224,9 @@ def _provenance_lines(results: SweepResults) -> list[str]:
         f"learning rate {config.get('learning_rate', '?')} ({config.get('lr_scaling', '?')} "
         f"scaling, reference B {config.get('reference_batch_size', '?')}); optimizer "
         f"{config.get('optimizer', '?')}; hidden {config.get('hidden', '?')}; noise schedule "
-        f"{config.get('noise_schedule', '?')}",
+        f"{config.get('noise_schedule', '?')}; sharpness at the end of each run: "
+        + (", ".join(f"{k} {v}" for k, v in m["sharpness"].items()) if m.get("sharpness")
+           else "off"),
     ]
     if last:
         lines.append(f"- device: {last.get('device_count')} x {last.get('device_kind')} "
@@ -741,8 +1239,20 @@ def _provenance_lines(results: SweepResults) -> list[str]:
 
 
 def build_report(results: SweepResults, *, target_accuracy: float | None = None,
+                 target_loss: float | None = None,
                  figures: Sequence[str | os.PathLike] = (), notes: Sequence[str] = ()) -> str:
-    """The report as Markdown: provenance, notes, the summary table, definitions, the claims."""
+    """The report as Markdown: provenance, notes, the summary table, definitions, the claims,
+    then sharpness and the critical batch size.
+
+    Args:
+      results: a loaded sweep.
+      target_accuracy: validation-accuracy target of claim 4 and of the critical batch size's
+        secondary target (default `default_target_accuracy`).
+      target_loss: training-loss target of the critical batch size (default
+        `default_target_loss`).
+      figures: figure files to list.
+      notes: notes to print at the top.
+    """
     target = target_accuracy if target_accuracy is not None else default_target_accuracy(results)
     summary = summarize(results, target)
     claims = evaluate_claims(results, target)
@@ -786,6 +1296,8 @@ def build_report(results: SweepResults, *, target_accuracy: float | None = None,
               "absolute terms, so R_rel is the level-free comparison.",
               "- **B_simple** = tr(Sigma) / |G|^2 at the last measurement (McCandlish et al. "
               "2018).",
+              "- **lambda_max**, **tr(H)**: the largest eigenvalue and the trace of the Hessian "
+              "of the training loss at the final parameters (see *Sharp minima* below).",
               f"- **target** validation accuracy for claim 4: {target_text}.",
               f"- **significant**: a difference larger than {Z_SIGNIFICANT:g} standard errors "
               "(SE over seeds unless stated).", "",
@@ -793,27 +1305,37 @@ def build_report(results: SweepResults, *, target_accuracy: float | None = None,
     lines += ["| # | claim | verdict |", "|---|---|---|"]
     lines += [f"| {c.number} | {c.statement} | **{c.verdict}** |" for c in claims] + [""]
     lines += [c.markdown() for c in claims]
+    lines += sharpness_section(results, summary)
+    lines += critical_section(results, critical_analysis(
+        results, target_loss=target_loss, target_accuracy=target_accuracy))
     if figures:
         lines += ["## Figures", ""] + [f"- `{f}`" for f in figures] + [""]
     return "\n".join(lines)
 
 
 def write_report(results: SweepResults, out_dir: str | os.PathLike | None = None, *,
-                 target_accuracy: float | None = None,
+                 target_accuracy: float | None = None, target_loss: float | None = None,
                  figures: Sequence[str | os.PathLike] = (),
                  notes: Sequence[str] = ()) -> str:
-    """Write `report.md`, `summary.csv` and `summary.tex` into `out_dir` (default: the sweep's).
+    """Write `report.md`, `summary.csv`, `summary.tex` and `critical.json` (targets, steps to
+    them, fits and B_simple; `critical_record`) into `out_dir` (default: the sweep's).
 
     Returns:
       The Markdown report.
     """
     out_dir = pathlib.Path(out_dir) if out_dir is not None else results.path
-    text = build_report(results, target_accuracy=target_accuracy, figures=figures, notes=notes)
+    text = build_report(results, target_accuracy=target_accuracy, target_loss=target_loss,
+                        figures=figures, notes=notes)
     target = target_accuracy if target_accuracy is not None else default_target_accuracy(results)
     summary = summarize(results, target)
     caption = (f"Final metrics per batch size on {results.dataset_label()}, mean $\\pm$ s.d. "
                "over seeds.")
     write_bytes_atomic(out_dir / "summary.csv", summary_csv(summary).encode())
     write_bytes_atomic(out_dir / "summary.tex", summary_latex(summary, caption).encode())
+    analysis = critical_analysis(results, target_loss=target_loss,
+                                 target_accuracy=target_accuracy)
+    write_bytes_atomic(out_dir / "critical.json",
+                       (json.dumps(to_jsonable(critical_record(analysis)), indent=1,
+                                   allow_nan=False) + "\n").encode())
     write_bytes_atomic(out_dir / "report.md", text.encode())
     return text

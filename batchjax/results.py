@@ -3,7 +3,8 @@
 Layout of a sweep directory `OUT/`:
 
     OUT/manifest.json           what was swept and with what: the batch sizes, seeds and shared
-                                configuration, the dataset (name, source, sizes), and one
+                                configuration, the sharpness settings (null: not measured),
+                                the dataset (name, source, sizes), and one
                                 provenance record per session (command line, start and end times,
                                 package versions, Python, platform, devices).
     OUT/bs00032_seed0/config.json    the run's `TrainConfig`, written before it trains.
@@ -12,7 +13,10 @@ Layout of a sweep directory `OUT/`:
         (per-epoch lists, Keras semantics), final_train (loss and accuracy of the final
         parameters on the whole training set), step_losses and step_batch_sizes (every optimizer
         step), noise (gradient-noise records), compile_seconds, trained_with_seeds (the seeds
-        vmapped together with this one: epoch times are those of the group).
+        vmapped together with this one: epoch times are those of the group), sharpness (the
+        Hessian of the training loss at the final parameters: `SharpnessResult.to_dict()` plus
+        the probe's loss and accuracy, step and examples_seen; null when it was not measured
+        or the run diverged; settings in the manifest's `sharpness`).
 
 A run is complete exactly when its `metrics.json` exists: every file is written to a temporary
 name in the same directory, flushed, fsynced and renamed over its final name (`os.replace` is
@@ -169,7 +173,8 @@ def remove_stale_temp_files(out_dir: str | os.PathLike) -> int:
 
 
 def metrics_record(result, *, trained_with_seeds: list[int],
-                   final_train: dict[str, float] | None) -> dict[str, Any]:
+                   final_train: dict[str, float] | None,
+                   sharpness: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `metrics.json` content of one `batchjax.TrainResult`."""
     return {
         "schema": SCHEMA_VERSION,
@@ -185,13 +190,15 @@ def metrics_record(result, *, trained_with_seeds: list[int],
         "history": result.history,
         "final_train": final_train,
         "noise": result.noise,
+        "sharpness": sharpness,
         "step_losses": np.asarray(result.step_losses, np.float64),
         "step_batch_sizes": np.asarray(result.step_batch_sizes, np.int64),
     }
 
 
 def write_run(out_dir: str | os.PathLike, result, *, trained_with_seeds: list[int],
-              final_train: dict[str, float] | None = None) -> pathlib.Path:
+              final_train: dict[str, float] | None = None,
+              sharpness: dict[str, Any] | None = None) -> pathlib.Path:
     """Write one finished run's `metrics.json` (its `config.json` is written before training).
 
     Returns:
@@ -200,7 +207,8 @@ def write_run(out_dir: str | os.PathLike, result, *, trained_with_seeds: list[in
     run_dir = pathlib.Path(out_dir) / run_name(result.config.batch_size, result.config.seed)
     write_json_atomic(run_dir / CONFIG, result.config.to_dict())
     write_json_atomic(run_dir / METRICS, metrics_record(
-        result, trained_with_seeds=trained_with_seeds, final_train=final_train), flat=True)
+        result, trained_with_seeds=trained_with_seeds, final_train=final_train,
+        sharpness=sharpness), flat=True)
     return run_dir
 
 
@@ -224,6 +232,8 @@ class Run:
       trained_with_seeds: the seeds trained together in one vmapped group with this one.
       dataset: `Dataset.describe()` of the data.
       path: the run directory.
+      sharpness: Hessian measurements at the final parameters (see the module docstring), or
+        None.
     """
 
     config: TrainConfig
@@ -238,6 +248,7 @@ class Run:
     trained_with_seeds: list[int]
     dataset: dict
     path: pathlib.Path | None = None
+    sharpness: dict | None = None
 
     @property
     def batch_size(self) -> int:
@@ -303,6 +314,7 @@ def load_run(run_dir: str | os.PathLike) -> Run | None:
         trained_with_seeds=list(m.get("trained_with_seeds") or [config.seed]),
         dataset=m.get("dataset") or {},
         path=run_dir,
+        sharpness=m.get("sharpness"),
     )
 
 
@@ -339,6 +351,10 @@ class SweepResults:
     @property
     def has_noise(self) -> bool:
         return any(r.noise for r in self.runs)
+
+    @property
+    def has_sharpness(self) -> bool:
+        return any(r.sharpness for r in self.runs)
 
     def dataset_label(self) -> str:
         """E.g. `mnist-5k (4,000 train / 1,000 val)`: how figures and reports name the data."""

@@ -30,6 +30,12 @@ any probe with i.i.d. entries. We report the mean over the probes and its standa
 
 Precision: Hessian-vector products are computed in the parameters' dtype (float32), Lanczos
 and the probe averages in float64 on the host.
+
+In a sweep (`SharpnessSettings`, measured at the end of each run): the defaults above
+(tolerance 1e-3, 100 probes, all 4,000 examples of mnist-5k) take 12-16 s per run on two CPU
+cores; the sweep's defaults take about 1 s: the first 1,024 training examples, a relative Ritz
+residual of 1e-2 (lambda_max within 1%), and 20 probes (a trace standard error of about 5% on
+the trained MLP, reported with every value).
 """
 
 from __future__ import annotations
@@ -94,6 +100,34 @@ def _hvp(params, v_P, x_N, y_N, *, loss_fn, chunk_size):
         hv_P = hv_P + chunk_hvp(x_N[num_full * chunk_size:], y_N[num_full * chunk_size:]) * (
             tail / num_examples)
     return hv_P
+
+
+@dataclasses.dataclass(frozen=True)
+class SharpnessSettings:
+    """How a sweep measures sharpness at the end of each run (see the module docstring).
+
+    Attributes:
+      probe_size: the Hessian is that of the mean loss over the first min(probe_size, N)
+        training examples (0: all N).
+      num_iters: most Lanczos iterations.
+      tol: Lanczos tolerance, the relative Ritz residual of both extreme eigenvalues.
+      hutchinson_samples: Rademacher probes for the trace.
+    """
+
+    probe_size: int = 1024
+    num_iters: int = 100
+    tol: float = 1e-2
+    hutchinson_samples: int = 20
+
+    def __post_init__(self):
+        _check_count("probe_size", self.probe_size, 0)
+        _check_count("num_iters", self.num_iters, 1)
+        _check_count("hutchinson_samples", self.hutchinson_samples, 0)
+        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and self.tol > 0):
+            raise BatchjaxError(f"tol must be a number > 0, got {self.tol!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)

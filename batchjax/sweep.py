@@ -10,10 +10,14 @@ configuration, recorded in its `manifest.json`:
     naming each differing flag; otherwise it skips the completed runs and trains the others
     (only the missing seeds of a batch size, still vmapped together).
 
-A run whose loss becomes NaN or infinite is saved with status "diverged" and the step; the sweep
-goes on. Progress: a bar over the whole sweep (epochs summed over batch sizes) and a Keras-like
-line per finished epoch per batch size, both on stderr; the bar is redrawn in place on a terminal
-and printed as one line per update otherwise (CI logs).
+After training, each completed run's sharpness (the extreme Hessian eigenvalues and the trace,
+`batchjax.sharpness`, on a fixed probe of training examples; `SharpnessSettings`) is measured at
+its final parameters and saved with its metrics; the settings are part of the sweep's identity.
+
+A run whose loss becomes NaN or infinite is saved with status "diverged" and the step (and no
+sharpness); the sweep goes on. Progress: a bar over the whole sweep (epochs summed over batch
+sizes) and a Keras-like line per finished epoch per batch size, both on stderr; the bar is
+redrawn in place on a terminal and printed as one line per update otherwise (CI logs).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from batchjax.model import MLP
 from batchjax.results import (CONFIG, MANIFEST, SCHEMA_VERSION, SweepResults, load_run,
                               load_sweep, parse_run_name, read_json, remove_stale_temp_files,
                               run_name, write_json_atomic, write_run)
+from batchjax.sharpness import SharpnessSettings, sharpness as compute_sharpness
 from batchjax.train import format_epoch, make_evaluate, train_seeds
 
 # The command-line flag of each swept or shared setting, for messages that say what to change.
@@ -50,6 +55,9 @@ FLAGS = {
     "noise_schedule": "--noise-every", "noise_points": "--noise-points",
     "probe_size": "--probe-size", "unroll": "--unroll",
 }
+# Sharpness keys: fold_in(key(seed), _SHARPNESS_KEY) keeps them apart from the initialisation
+# (0) and shuffling (1) keys of `batchjax.train`.
+_SHARPNESS_KEY = 2
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "matplotlib", "tensorflow-datasets",
             "batchjax")
 # Dataset fields that identify the data; `source` may word the same data differently.
@@ -204,6 +212,9 @@ def _differences(saved: dict, asked: dict) -> list[str]:
         if saved_config.get(key) != asked_config.get(key):
             diffs.append(f"{FLAGS.get(key, key)} saved {saved_config.get(key)!r}, "
                          f"asked {asked_config.get(key)!r}")
+    if saved.get("sharpness") != asked["sharpness"]:
+        diffs.append(f"--sharpness saved {_sharpness_text(saved.get('sharpness'))}, "
+                     f"asked {_sharpness_text(asked['sharpness'])}")
     saved_data = _identity(saved.get("dataset", {}))
     asked_data = _identity(asked["dataset"])
     if saved_data != asked_data:
@@ -211,6 +222,12 @@ def _differences(saved: dict, asked: dict) -> list[str]:
                      f"{saved_data['num_val']} val), asked {asked_data['name']} "
                      f"({asked_data['num_train']} train / {asked_data['num_val']} val)")
     return diffs
+
+
+def _sharpness_text(settings: dict | None) -> str:
+    if not settings:
+        return "off"
+    return "on (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,23 +327,6 @@ def _load_make_measure() -> Callable:
     return importlib.import_module("batchjax.noise").make_measure
 
 
-def _seedwise_measure(make_measure: Callable, dataset, config: TrainConfig, seeds: list[int],
-                     batch_sizes: list[int]) -> Callable:
-    """One `make_measure` per seed, keyed by that seed, behind the group's `measure` interface.
-
-    The sampled check's randomness then depends on the seed alone, not on its position in the
-    vmapped group, so a resumed sweep that trains only some seeds measures what an
-    uninterrupted one would.
-    """
-    measures = [make_measure(dataset, dataclasses.replace(config, seed=s),
-                             batch_sizes=batch_sizes) for s in seeds]
-
-    def measure(params_list, step, examples_seen):
-        return [m([p], step, examples_seen)[0] for m, p in zip(measures, params_list)]
-
-    return measure
-
-
 @functools.lru_cache(maxsize=None)
 def _jitted_evaluate(hidden: int, num_classes: int) -> Callable:
     # One compiled evaluation per model shape for the whole sweep, not one per batch size.
@@ -351,11 +351,53 @@ def evaluate_final_train(results: list, dataset) -> list[dict[str, float] | None
     return out
 
 
+def measure_final_sharpness(results: list, dataset, settings: SharpnessSettings
+                            ) -> list[dict[str, Any] | None]:
+    """Sharpness of each result's final parameters on the probe of `settings`; None if diverged.
+
+    The probe is the first min(probe_size, N) training examples, the same for every run; the
+    Lanczos start vector and the Hutchinson probes come from the run's seed alone, so a resumed
+    sweep measures what an uninterrupted one would.
+    """
+    config = results[0].config
+    n = min(settings.probe_size or dataset.num_train, dataset.num_train)
+    x_N, y_N = dataset.x_train[:n], dataset.y_train[:n]
+    model = MLP(config.hidden, dataset.num_classes)
+    evaluate = _jitted_evaluate(config.hidden, dataset.num_classes)
+    out = []
+    for r in results:
+        if r.status != "complete":
+            out.append(None)
+            continue
+        key = jax.random.fold_in(jax.random.key(r.config.seed), _SHARPNESS_KEY)
+        measured = compute_sharpness(r.params, x_N, y_N, model=model, key=key,
+                                     num_iters=settings.num_iters, tol=settings.tol,
+                                     hutchinson_samples=settings.hutchinson_samples)
+        loss, accuracy = evaluate(r.params, x_N, y_N)
+        out.append({**measured.to_dict(), "loss": float(loss), "accuracy": float(accuracy),
+                    "step": int(r.history["steps"][-1]),
+                    "examples_seen": int(r.history["examples_seen"][-1])})
+    return out
+
+
+def _sharpness_line(batch_size: int, seed: int, record: dict) -> str:
+    trace = ""
+    if record.get("trace") is not None:
+        trace = f", tr(H) {record['trace']:.4g}"
+        if record.get("trace_stderr") is not None:
+            trace += f" ± {record['trace_stderr']:.2g}"
+    return (f"bs {batch_size:>5d} | seed {seed} sharpness: lambda_max "
+            f"{record['lambda_max']:.4g}{trace} on {record['num_examples']:,} examples "
+            f"(loss {record['loss']:.4f}; {record['iterations']} Lanczos iterations"
+            f"{'' if record['converged'] else ', NOT converged'}; {record['seconds']:.1f} s)")
+
+
 def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
               batch_sizes: Sequence[int], seeds: Sequence[int], resume: bool = False,
               command: Sequence[str] | None = None, verbose: bool = True,
               stream: TextIO | None = None,
-              on_epoch_end: Callable[[int, int, list], None] | None = None) -> SweepResults:
+              on_epoch_end: Callable[[int, int, list], None] | None = None,
+              sharpness: SharpnessSettings | None = SharpnessSettings()) -> SweepResults:
     """Train every (batch size, seed) of the grid and save each run under `out_dir`.
 
     Args:
@@ -369,6 +411,7 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
       verbose: show the progress bar and a line per finished epoch on `stream`.
       stream: where progress goes (default stderr).
       on_epoch_end: optional `on_epoch_end(batch_size, epoch, results)` after each epoch's line.
+      sharpness: how to measure each run's sharpness at its end, or None not to.
 
     Returns:
       The sweep as loaded back from disk.
@@ -382,7 +425,9 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
     check_against_data(config, dataset, batch_sizes)
     configs = {b: dataclasses.replace(config, batch_size=b, seed=seeds[0]) for b in batch_sizes}
     asked = {"sweep": {"batch_sizes": batch_sizes, "seeds": seeds, "epochs": config.epochs},
-             "config": shared_config(config), "dataset": dataset.describe()}
+             "config": shared_config(config),
+             "sharpness": sharpness.to_dict() if sharpness is not None else None,
+             "dataset": dataset.describe()}
     saved = prepare_out_dir(out_dir, asked, resume)
     if saved is not None:
         remove_stale_temp_files(out_dir)
@@ -420,8 +465,10 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
                            f"{-(-dataset.num_train // b)} steps per epoch)")
             measure = None
             if make_measure is not None:
-                measure = _seedwise_measure(make_measure, dataset, run_config, missing,
-                                            batch_sizes)
+                # Keyed by seed, not by position in the group, so a resumed sweep that trains
+                # only some seeds measures what an uninterrupted one would.
+                measure = make_measure(dataset, run_config, batch_sizes=batch_sizes,
+                                       seeds=missing)
 
             def epoch_done(epoch, results, b=b):
                 progress.update(1)
@@ -434,8 +481,14 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
             left = config.epochs - max(len(r.history["epoch"]) for r in results)
             if left:  # every seed diverged early: the bar still ends at its total
                 progress.update(left)
-            for r, final_train in zip(results, evaluate_final_train(results, dataset)):
-                write_run(out_dir, r, trained_with_seeds=missing, final_train=final_train)
+            hessians = (measure_final_sharpness(results, dataset, sharpness)
+                        if sharpness is not None else [None] * len(results))
+            for r, final_train, hessian in zip(results, evaluate_final_train(results, dataset),
+                                               hessians):
+                write_run(out_dir, r, trained_with_seeds=missing, final_train=final_train,
+                          sharpness=hessian)
+                if hessian is not None:
+                    progress.write(_sharpness_line(b, r.config.seed, hessian))
                 if r.status == "diverged":
                     progress.write(f"bs {b:>5d} | seed {r.config.seed} diverged at step "
                                    f"{r.diverged_step}; saved with status 'diverged'")

@@ -303,11 +303,12 @@ def check_batch_size(batch_size: int, num_train: int) -> None:
 def seed_shardings(num_seeds: int, devices: Sequence[jax.Device] | None = None):
     """Shardings that split a leading seed axis across devices and replicate the data.
 
-    Uses the largest number of `devices` (default: all visible) that divides `num_seeds`, so
+    Uses the largest number of `devices` (default: this process's local devices; in a
+    multi-host job each host trains its own runs) that divides `num_seeds`, so
     every device trains whole seeds and no communication is needed; one device (or one seed)
     gives plain single-device placement. Returns `(seed_sharding, replicated)`.
     """
-    devices = list(devices if devices is not None else jax.devices())
+    devices = list(devices if devices is not None else jax.local_devices())
     count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
     if count == 1 or num_seeds == 1:
         single = jax.sharding.SingleDeviceSharding(devices[0])
@@ -331,7 +332,7 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
       dataset: a `batchjax.Dataset`.
       seeds: distinct non-negative seeds.
       verbose: print a Keras-like line per epoch (the first seed's numbers).
-      devices: devices to spread the seeds over (default: all visible; see `seed_shardings`).
+      devices: devices to spread the seeds over (default: the local ones; `seed_shardings`).
       on_epoch_end: called as `on_epoch_end(epoch, results)` after each epoch (1-based).
       measure: optional `measure(params_list, step, examples_seen) -> list[list[dict]]` (one
         list of records per seed), called after the steps of `measurement_steps(config, ...)`

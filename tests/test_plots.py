@@ -11,10 +11,12 @@ import pytest
 from matplotlib.lines import Line2D
 
 from batchjax import plots
-from test_report import fake_sweep
+from test_report import TARGET_ACC, TARGET_LOSS, critical_sweep, fake_sweep
 
-ALL_FIGURES = ["bs8_curves", "bs32_curves", "bs128_curves", "step_loss", "validation",
-               "gradient_variance", "noise_over_training", "roughness_gap"]
+ALL_FIGURES = ["bs8_curves", "bs16_curves", "bs32_curves", "bs128_curves", "step_loss",
+               "validation",
+               "gradient_variance", "noise_over_training", "roughness_gap", "sharpness_gap",
+               "critical_batch"]
 
 
 def png_size(path):
@@ -34,7 +36,8 @@ def assert_figure_files(directory, names):
 
 
 def test_make_figures_writes_every_figure_and_marks_diverged_runs(tmp_path):
-    results = fake_sweep(seeds=(0, 1), diverged=[(8, 1, 2)])
+    # Four batch sizes: the three without a diverged seed give the critical-batch-size figure.
+    results = fake_sweep(batch_sizes=(8, 16, 32, 128), seeds=(0, 1), diverged=[(8, 1, 2)])
     paths, notes = plots.make_figures(results, tmp_path)
     assert notes == []
     assert sorted(p.name for p in paths) == sorted(
@@ -43,19 +46,40 @@ def test_make_figures_writes_every_figure_and_marks_diverged_runs(tmp_path):
     assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
 
 
-def test_missing_noise_records_skip_figures_4_and_5_with_a_note(tmp_path):
-    paths, notes = plots.make_figures(fake_sweep(batch_sizes=(8, 32), seeds=(0,), noise=False),
-                                      tmp_path)
+def test_missing_noise_and_sharpness_skip_figures_4_5_and_7_with_notes(tmp_path):
+    paths, notes = plots.make_figures(fake_sweep(batch_sizes=(8, 32), seeds=(0,), noise=False,
+                                                 sharpness_exponent=None), tmp_path)
     names = {p.stem for p in paths}
     assert "gradient_variance" not in names and "noise_over_training" not in names
     assert {"bs8_curves", "step_loss", "validation", "roughness_gap"} <= names
-    assert len(notes) == 1 and "figures 4" in notes[0] and "noise" in notes[0]
+    noise_notes = [n for n in notes if "figures 4" in n]
+    assert len(noise_notes) == 1 and "noise" in noise_notes[0]
+    assert "sharpness_gap" not in names
+    assert any("figure 7 (sharpness_gap) skipped" in n for n in notes)
+    # Two batch sizes: no critical-batch-size fit, and the note says why.
+    assert "critical_batch" not in names
+    assert any("figure 8 (critical_batch) skipped: only 2 of 2 batch sizes" in n for n in notes)
+
+
+def test_critical_batch_figure_on_runs_that_follow_the_model(tmp_path):
+    results = critical_sweep()
+    analysis = plots.report.critical_analysis(results, target_loss=TARGET_LOSS,
+                                              target_accuracy=TARGET_ACC)
+    fig = plots.figure_critical_batch(results, analysis)
+    assert "model-digits" in fig._suptitle.get_text()
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any(r"B_{\mathrm{crit}}$ = 200" in label for label in labels), labels
+        assert any(r"B_{\mathrm{simple}}$ = 150" in label for label in labels), labels
+    plots.save_figure(fig, tmp_path, "critical_batch")
+    assert_figure_files(tmp_path, ["critical_batch"])
 
 
 @pytest.mark.parametrize("make", [
     lambda r: plots.figure_curves(r, 8), plots.figure_step_loss, plots.figure_validation,
     plots.figure_gradient_variance, plots.figure_noise_over_training,
-    plots.figure_roughness_gap])
+    plots.figure_roughness_gap, plots.figure_sharpness_gap, plots.figure_critical_batch])
 def test_every_figure_names_the_dataset(make):
     fig = make(fake_sweep(seeds=(0, 1)))
     assert "fake-digits" in fig._suptitle.get_text()
@@ -78,10 +102,11 @@ def test_diverged_run_is_marked_not_plotted_as_numbers():
 def test_batch_size_axes_are_log2():
     results = fake_sweep(seeds=(0, 1))
     with plt.rc_context(plots.STYLE):
-        fig, axes = plt.subplots(1, 3)
+        fig, axes = plt.subplots(1, 4)
         plots.plot_roughness(axes[0], results)
         plots.plot_gap(axes[1], results, metric="accuracy")
         plots.plot_gradient_variance(axes[2], results, epoch=0)
+        plots.plot_sharpness(axes[3], results, quantity="lambda_max")
     for ax in axes:
         assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
     # The 1/B reference is a dashed black line.

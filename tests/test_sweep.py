@@ -21,7 +21,9 @@ import pytest
 from batchjax import TrainConfig, train, train_seeds
 from batchjax.data import load_dataset
 from batchjax.errors import BatchjaxError
+from batchjax.model import MLP
 from batchjax.results import load_sweep
+from batchjax.sharpness import SharpnessSettings
 from batchjax.sweep import Progress, run_sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -59,7 +61,8 @@ def numbers(run) -> dict:
     return {"status": run.status, "diverged_step": run.diverged_step,
             "history": strip(run.history), "final_train": run.final_train,
             "step_losses": run.step_losses, "step_batch_sizes": run.step_batch_sizes,
-            "noise": [strip(r) for r in run.noise]}
+            "noise": [strip(r) for r in run.noise],
+            "sharpness": strip(run.sharpness) if run.sharpness else None}
 
 
 def assert_same_results(a, b, rtol=0.0):
@@ -81,6 +84,12 @@ def assert_same_results(a, b, rtol=0.0):
                 np.testing.assert_allclose(x[key], y[key], rtol=max(rtol, 1e-6))
             np.testing.assert_allclose(x["empirical"]["mean"], y["empirical"]["mean"],
                                        rtol=max(rtol, 1e-6))
+        assert (na["sharpness"] is None) == (nb["sharpness"] is None)
+        if na["sharpness"] is not None:
+            for key in ("lambda_max", "lambda_min", "trace", "loss"):
+                # A few float32 ulps of the parameters move the Ritz values by about as much.
+                np.testing.assert_allclose(na["sharpness"][key], nb["sharpness"][key],
+                                           rtol=max(rtol, 1e-4) if rtol else 0.0)
 
 
 def test_sweep_writes_every_file_of_the_schema(reference, data):
@@ -88,6 +97,8 @@ def test_sweep_writes_every_file_of_the_schema(reference, data):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "batchjax-sweep"
     assert manifest["sweep"] == {"batch_sizes": BATCH_SIZES, "seeds": SEEDS, "epochs": 2}
+    assert manifest["sharpness"] == {"probe_size": 1024, "num_iters": 100, "tol": 0.01,
+                                     "hutchinson_samples": 20}
     assert manifest["config"]["hidden"] == 16 and "batch_size" not in manifest["config"]
     assert manifest["dataset"] == data.describe()
     assert manifest["started"] and manifest["finished"]
@@ -112,6 +123,13 @@ def test_sweep_writes_every_file_of_the_schema(reference, data):
             record = metrics["noise"][-1]
             assert set(record["minibatch_variance"]) == {str(x) for x in BATCH_SIZES}
             assert record["empirical"]["batch_size"] == b
+            hessian = metrics["sharpness"]
+            assert hessian["num_examples"] == 512  # the probe, capped at the training set
+            assert hessian["hutchinson_samples"] == 20 and hessian["converged"] is True
+            assert hessian["step"] == steps and hessian["examples_seen"] == 2 * 512
+            assert hessian["lambda_max"] > 0 > hessian["lambda_min"] > -hessian["lambda_max"]
+            assert hessian["trace"] > hessian["lambda_max"] and hessian["trace_stderr"] > 0
+            assert hessian["loss"] == pytest.approx(metrics["final_train"]["loss"], rel=1e-5)
     assert not list(out.rglob("*.tmp"))
     assert len(results.runs) == 4 and results.missing == []
 
@@ -121,16 +139,20 @@ def test_figures_and_report_from_the_saved_sweep(reference, tmp_path, capsys):
     figures = load_script("figures")
     assert figures.main([str(out), "--figures-dir", str(tmp_path), "--quiet"]) == 0
     names = ["bs16_curves", "bs64_curves", "step_loss", "validation", "gradient_variance",
-             "noise_over_training", "roughness_gap"]
+             "noise_over_training", "roughness_gap", "sharpness_gap"]
     for name in names:
         for ext, magic in (("png", b"\x89PNG"), ("pdf", b"%PDF")):
             path = tmp_path / f"{name}.{ext}"
             assert path.read_bytes()[:4] == magic and path.stat().st_size > 5000, path
+    assert not (tmp_path / "critical_batch.png").exists()  # two batch sizes: no fit
     text = (out / "report.md").read_text()
     for n in range(1, 6):
         assert f"### Claim {n}:" in text
     assert text.count("**Verdict:") == 5
+    assert "## Sharp minima" in text and "flatter minima here: " in text
+    assert "**No fit:** only " in text and "needs at least 3" in text
     assert (out / "summary.csv").exists() and (out / "summary.tex").exists()
+    assert "lambda_max_mean" in (out / "summary.csv").read_text()
 
 
 def test_interrupted_sweep_resumes_to_the_uninterrupted_results(reference, data, tmp_path):
@@ -198,6 +220,8 @@ def test_vmapped_seeds_equal_separate_runs(data):
     (dict(config=dataclasses.replace(CONFIG, learning_rate=0.01)), "--lr saved"),
     (dict(batch_sizes=[16, 32]), "--batch-sizes saved 16,64, asked 16,32"),
     (dict(seeds=[0, 1, 2]), "--seeds saved 2, asked 3"),
+    (dict(sharpness=None), "--sharpness saved on (probe_size 1024, num_iters 100, tol 0.01, "
+                           "hutchinson_samples 20), asked off"),
 ])
 def test_resume_refuses_a_different_configuration(reference, data, change, flag):
     out, _ = reference
@@ -247,6 +271,7 @@ def test_divergence_is_saved_and_the_sweep_goes_on(data, tmp_path, capsys):
                         stream=stream)
     assert [r.status for r in results.runs] == ["diverged", "diverged"]
     assert all(r.diverged_step is not None for r in results.runs)
+    assert all(r.sharpness is None for r in results.runs)  # not measured, not made up
     log = stream.getvalue()
     assert "bs    16 | Epoch 1/2 - every seed has diverged" in log
     assert "seed 0 diverged at step" in log and "bs    64 | training" in log
@@ -286,6 +311,9 @@ def test_progress_is_plain_lines_off_a_terminal_and_redrawn_on_one():
     (["--dataset", "nope"], "nope"),
     (["--dataset", "mnist-5k", "--batch-sizes", "5000"], "larger than the training set"),
     (["--dataset", "mnist-5k", "--probe-size", "4001"], "probe size 4001 is larger"),
+    (["--target-loss", "-1"], "--target-loss must be a finite number > 0"),
+    (["--target-accuracy", "1.5"], "--target-accuracy must be in (0, 1]"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(argv, match, capsys, tmp_path):
     sweep = load_script("sweep")
@@ -321,7 +349,7 @@ def test_sigint_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(tm
     out = tmp_path / "out"
     argv = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--dataset", "mnist-5k",
             "--batch-sizes", "32,64", "--epochs", "2", "--seeds", "2", "--hidden", "16",
-            "--noise-every", "none", "--out", str(out), "--no-figures"]
+            "--noise-every", "none", "--no-sharpness", "--out", str(out), "--no-figures"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = out / "bs00032_seed1" / "metrics.json"
     deadline = time.monotonic() + 60
@@ -344,5 +372,57 @@ def test_sigint_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(tm
     reference = run_sweep(tmp_path / "ref", TrainConfig(epochs=2, hidden=16,
                                                         noise_schedule="none"),
                           load_dataset("mnist-5k", verbose=False), batch_sizes=[32, 64],
-                          seeds=[0, 1], verbose=False)
+                          seeds=[0, 1], verbose=False, sharpness=None)
     assert_same_results(load_sweep(out), reference, rtol=1e-6)
+
+
+def power_iteration_top_eigenvalue(params, x, y, model, iters=300):
+    """lambda_max by plain power iteration on Hessian-vector products (jvp of grad): a reference
+    independent of the Lanczos code. Near a minimum the top eigenvalue is also the largest in
+    magnitude, so power iteration finds it."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from batchjax.train import cross_entropy
+
+    flat, unravel = ravel_pytree(params)
+
+    def loss(p):
+        return jnp.mean(cross_entropy(model.apply({"params": unravel(p)}, x), y))
+
+    hvp = jax.jit(lambda v: jax.jvp(jax.grad(loss), (flat,), (v,))[1])
+    v = jax.random.normal(jax.random.key(7), flat.shape)
+    for _ in range(iters):
+        w = hvp(v / jnp.linalg.norm(v))
+        v = w
+    v = v / jnp.linalg.norm(v)
+    return float(v @ hvp(v))
+
+
+def test_saved_sharpness_matches_an_independent_power_iteration(reference, data):
+    out, results = reference
+    run = next(r for r in results.runs if r.batch_size == 64 and r.seed == 0)
+    # Retrain the same vmapped group: the sweep's final parameters, bitwise.
+    config = dataclasses.replace(CONFIG, batch_size=64, noise_schedule="none")
+    params = train_seeds(config, data, SEEDS)[0].params
+    reference_top = power_iteration_top_eigenvalue(params, data.x_train, data.y_train,
+                                                   MLP(16, data.num_classes))
+    # Lanczos to a relative Ritz residual of 1e-2 guarantees an eigenvalue within 1%.
+    assert run.sharpness["lambda_max"] == pytest.approx(reference_top, rel=1e-2)
+
+
+def test_preset_expands_and_explicit_flags_win():
+    sweep = load_script("sweep")
+
+    def parsed(argv):
+        return sweep.apply_preset(sweep.build_parser().parse_args(argv))
+
+    critical = parsed(["--preset", "critical"])
+    assert critical.batch_sizes == [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert (critical.epochs, critical.seeds) == (20, 3)
+    mixed = parsed(["--preset", "critical", "--batch-sizes", "8,64", "--epochs", "2"])
+    assert mixed.batch_sizes == [8, 64] and mixed.epochs == 2 and mixed.seeds == 3
+    plain = parsed([])
+    assert plain.batch_sizes == [8, 32, 128] and plain.epochs == 10 and plain.seeds == 3
+    assert plain.sharpness is True and parsed(["--no-sharpness"]).sharpness is False

@@ -1,0 +1,274 @@
+"""Benchmark: batchjax against the peers on MNIST-sized data, one machine, one run.
+
+Every measurement runs in a subprocess of its own, so each reports its own peak memory
+(`ru_maxrss`) and none inherits another's compiled code or allocations. Data is synthetic,
+60,000 train / 10,000 validation 28x28 images (timing does not depend on pixel values), as in
+the peer scripts of ../shared/peers.
+
+Rows:
+  scan        batchjax's epoch: one jitted `lax.scan` over the steps, plus the validation pass
+  loop        the same steps as a Python loop of one jitted step per batch
+  seeds S     S seeds vmapped in one jitted epoch; seconds per seed-epoch
+  noise       `gradient_stats` over the 60,000 training examples (fast Dense path and vmap)
+  peers       Keras `fit` (TensorFlow and JAX backends) and a PyTorch loop, when their Python
+              environments exist (see README: Benchmark)
+
+Usage:
+  python scripts/bench.py                      # everything that is installed, ~5 minutes
+  python scripts/bench.py --quick              # fewer repeats, no peers
+  python scripts/bench.py --json bench.json    # where the table is written as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _synthetic(num_train):
+    from batchjax.data import make_synthetic
+    return make_synthetic(num_train=num_train, num_val=10_000, seed=0)
+
+
+def _peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_scan(batch_size, seeds, repeats, num_train):
+    """Median epoch time of the library's training loop (train + validation)."""
+    from batchjax import TrainConfig, train_seeds
+    data = _synthetic(num_train)
+    config = TrainConfig(batch_size=batch_size, epochs=repeats, noise_schedule="none",
+                         unroll=int(os.environ.get("BENCH_UNROLL", 0)) or TrainConfig.unroll)
+    results = train_seeds(config, data, list(range(seeds)))
+    h = results[0].history
+    epoch = [t + e for t, e in zip(h["train_seconds"], h["eval_seconds"])]
+    return {"epoch_s": statistics.median(epoch), "train_s": statistics.median(h["train_seconds"]),
+            "compile_s": results[0].compile_seconds, "per_seed_epoch_s": statistics.median(epoch) / seeds,
+            "epochs_timed": len(epoch)}
+
+
+def worker_loop(batch_size, seeds, repeats, num_train):
+    """The same epoch as a Python loop of jitted steps (gathering each batch on the device)."""
+    import jax
+    import numpy as np
+    from batchjax import TrainConfig
+    from batchjax.model import MLP
+    from batchjax.train import init_train_state, make_evaluate, make_optimizer, make_train_step
+    data = _synthetic(num_train)
+    config = TrainConfig(batch_size=batch_size)
+    step_fn = make_train_step(MLP(), make_optimizer(config))
+
+    @jax.jit
+    def step(state, x, y, idx):
+        return step_fn(state, x[idx], y[idx])
+
+    step = jax.jit(step, donate_argnums=0)
+    evaluate = jax.jit(make_evaluate(MLP()))
+    x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
+    xv, yv = jax.device_put(data.x_val), jax.device_put(data.y_val)
+    state = init_train_state(config, jax.random.key(0), (28, 28))
+    rng = np.random.default_rng(0)
+    times = []
+    t_compile = time.perf_counter()
+    for epoch in range(repeats + 1):
+        t0 = time.perf_counter()
+        perm = rng.permutation(num_train)
+        for start in range(0, num_train, batch_size):
+            state, (loss, _) = step(state, x, y, perm[start:start + batch_size])
+        loss.block_until_ready()
+        jax.block_until_ready(evaluate(state.params, xv, yv))
+        times.append(time.perf_counter() - t0)
+    # The first epoch compiles the full-batch and partial-batch steps and the evaluation.
+    return {"epoch_s": statistics.median(times[1:]), "compile_s": times[0] - times[1],
+            "first_epoch_s": times[0], "epochs_timed": repeats, "_t": t_compile}
+
+
+def worker_noise(method, repeats, num_train):
+    import jax
+    import numpy as np
+    from batchjax.model import MLP, init_params
+    from batchjax.noise import gradient_stats
+    data = _synthetic(num_train)
+    params = init_params(MLP(), jax.random.key(0), (28, 28))
+    x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
+    t0 = time.perf_counter()
+    gradient_stats(params, x, y, method=method)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stats = gradient_stats(params, x, y, method=method)
+        times.append(time.perf_counter() - t0)
+    s = statistics.median(times)
+    return {"seconds": s, "examples_per_s": num_train / s, "first_call_s": first,
+            "trace_cov": float(stats.trace_cov), "grad_sq_norm": float(np.asarray(stats.grad_sq_norm))}
+
+
+WORKERS = {"scan": worker_scan, "loop": worker_loop, "noise": worker_noise}
+
+
+def run_worker(kind, *args, timeout=1800):
+    cmd = [sys.executable, __file__, "--worker", kind, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_peer(python, script, batch_size, epochs, env=None, args=()):
+    cmd = [python, str(script), "--batch-size", str(batch_size), "--epochs", str(epochs), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                              env={**os.environ, **(env or {})})
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {"error": str(err)}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    out = json.loads(lines[-1])
+    return {"epoch_s": out["last_epoch_s"], "train_s": out["last_train_only_s"],
+            "peak_mib": out["ru_maxrss_mib"]}
+
+
+def find_python(flag_value, env_name, default_dir):
+    for candidate in (flag_value, os.environ.get(env_name), REPO / default_dir / "bin" / "python",
+                      REPO.parent / default_dir / "bin" / "python"):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return None
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-sizes", default="8,32,128")
+    ap.add_argument("--seeds", default="1,4,8", help="seed counts for the vmapped-seeds rows")
+    ap.add_argument("--repeats", type=int, default=5, help="timed epochs per measurement")
+    ap.add_argument("--num-train", type=int, default=60_000)
+    ap.add_argument("--peers-dir", default=str(REPO.parent / "shared" / "peers"))
+    ap.add_argument("--keras-python", default=None, help="python of a venv with tensorflow-cpu, keras, jax")
+    ap.add_argument("--torch-python", default=None, help="python of a venv with torch")
+    ap.add_argument("--peer-epochs", type=int, default=3)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="2 repeats, no peers")
+    ap.add_argument("--json", default="bench.json", help="output JSON path")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        kind, *rest = args.worker
+        fn = WORKERS[kind]
+        parsed = [int(r) if r.lstrip("-").isdigit() else r for r in rest]
+        out = fn(*parsed)
+        out["peak_mib"] = _peak_mib()
+        print(json.dumps(out))
+        return 0
+
+    if args.quick:
+        args.repeats, args.no_peers = 2, True
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    seed_counts = [int(s) for s in args.seeds.split(",")]
+    n = args.num_train
+    rows = {}
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    for b in batch_sizes:
+        log(f"batch size {b}: scan, loop, seeds ...")
+        rows[f"scan/{b}"] = run_worker("scan", b, 1, args.repeats, n)
+        rows[f"loop/{b}"] = run_worker("loop", b, 1, args.repeats, n)
+        for s in seed_counts:
+            if s > 1:
+                rows[f"seeds{s}/{b}"] = run_worker("scan", b, s, max(2, args.repeats // 2), n)
+    for method in ("dense", "vmap"):
+        log(f"noise statistics: {method} ...")
+        rows[f"noise/{method}"] = run_worker("noise", method, args.repeats, n)
+
+    peers_dir = Path(args.peers_dir)
+    if not args.no_peers and peers_dir.exists():
+        keras = find_python(args.keras_python, "BATCHJAX_KERAS_PYTHON", ".peer-keras")
+        torch = find_python(args.torch_python, "BATCHJAX_TORCH_PYTHON", ".peer-torch")
+        for b in batch_sizes:
+            if keras:
+                for backend in ("tensorflow", "jax"):
+                    log(f"peer keras[{backend}] batch size {b} ...")
+                    rows[f"keras_{backend}/{b}"] = run_peer(
+                        keras, peers_dir / "keras_fit.py", b, args.peer_epochs,
+                        {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            if torch:
+                log(f"peer torch batch size {b} ...")
+                rows[f"torch/{b}"] = run_peer(torch, peers_dir / "torch_loop.py", b,
+                                              args.peer_epochs, args=("--threads", "1"))
+
+    import jax
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "python": platform.python_version(), "num_train": n, "repeats": args.repeats,
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        meta["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                                 if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    table = render(rows, batch_sizes, seed_counts, meta)
+    print(table)
+    tmp = Path(args.json).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2))
+    os.replace(tmp, args.json)
+    return 0
+
+
+def render(rows, batch_sizes, seed_counts, meta):
+    def get(key, field="epoch_s"):
+        return rows.get(key, {}).get(field)
+
+    lines = [f"## Epoch seconds, 60,000 train + 10,000 validation ({meta.get('cpu_model', meta['machine'])},"
+             f" {meta['cpus']} CPUs, jax {meta['jax']}; medians of {meta['repeats']} epochs)", "",
+             "| B | batchjax scan | compile | Python loop of jitted steps | Keras fit (TF) | Keras fit (JAX) "
+             "| PyTorch loop | vs Keras TF | vs Keras JAX | peak MiB (batchjax / Keras JAX) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in batch_sizes:
+        ours = get(f"scan/{b}")
+        ktf, kjax = get(f"keras_tensorflow/{b}"), get(f"keras_jax/{b}")
+        ratio = lambda peer: f"{peer / ours:.1f}x" if peer and ours else "-"  # noqa: E731
+        lines.append(f"| {b} | {fmt(ours)} | {fmt(get(f'scan/{b}', 'compile_s'), 2)} | "
+                     f"{fmt(get(f'loop/{b}'))} | {fmt(ktf)} | {fmt(kjax)} | {fmt(get(f'torch/{b}'))} | "
+                     f"{ratio(ktf)} | {ratio(kjax)} | {fmt(get(f'scan/{b}', 'peak_mib'), 0)} / "
+                     f"{fmt(get(f'keras_jax/{b}', 'peak_mib'), 0)} |")
+    lines += ["", "## Seeds vmapped: seconds per seed-epoch", "",
+              "| B | " + " | ".join(f"S = {s}" for s in seed_counts) + " | speed-up at largest S |",
+              "|---|" + "---|" * (len(seed_counts) + 1)]
+    for b in batch_sizes:
+        vals = [get(f"scan/{b}") if s == 1 else get(f"seeds{s}/{b}", "per_seed_epoch_s")
+                for s in seed_counts]
+        speedup = f"{vals[0] / vals[-1]:.2f}x" if vals[0] and vals[-1] else "-"
+        lines.append(f"| {b} | " + " | ".join(fmt(v) for v in vals) + f" | {speedup} |")
+    lines += ["", "## Gradient statistics over all training examples", "",
+              "| path | seconds | examples/s | peak MiB |", "|---|---|---|---|"]
+    for method in ("dense", "vmap"):
+        r = rows.get(f"noise/{method}", {})
+        lines.append(f"| {method} | {fmt(r.get('seconds'))} | {fmt(r.get('examples_per_s'), 0)} | "
+                     f"{fmt(r.get('peak_mib'), 0)} |")
+    errors = [f"- {k}: {v['error']}" for k, v in rows.items() if "error" in v]
+    if errors:
+        lines += ["", "Failed measurements:", *errors]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Tests of batchjax.noise: every statistic against an independent reference.
+
+References: a Python loop of `jax.grad` on single examples; closed forms (example i's gradient is
+i); float64 NumPy per-example gradients of the MLP written out by hand; and, on real MNIST
+digits, sampled minibatch gradients compared with the analytic variance in standard errors.
+"""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from batchjax import noise
+from batchjax.config import TrainConfig
+from batchjax.errors import BatchjaxError
+from batchjax.model import MLP, init_params
+from batchjax.train import TrainState, cross_entropy, make_optimizer, make_train_step
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    """(x, y) of the 4,000 bundled MNIST training digits, x in [0, 1]."""
+    try:
+        from batchjax.data import load_dataset
+        ds = load_dataset("mnist-5k", verbose=False)
+        return np.asarray(ds.x_train, np.float32), np.asarray(ds.y_train, np.int32)
+    except ImportError:
+        import importlib.resources
+        path = importlib.resources.files("batchjax") / "datasets" / "mnist_5k.npz"
+        with np.load(path) as d:
+            return d["x_train"].astype(np.float32) / 255, d["y_train"].astype(np.int32)
+
+
+def mlp_params(hidden, seed=0):
+    return init_params(MLP(hidden=hidden), jax.random.key(seed), (28, 28))
+
+
+def trained_params(x, y, hidden, steps, batch_size=32, seed=0):
+    """`steps` Keras-Adam steps on random batches of `batch_size` from the Glorot init."""
+    model, optimizer = MLP(hidden=hidden), make_optimizer(TrainConfig())
+    params = mlp_params(hidden, seed)
+    step = make_train_step(model, optimizer)
+    idx_SxB = jax.random.randint(jax.random.key(seed + 1), (steps, batch_size), 0, x.shape[0])
+    x, y = jnp.asarray(x), jnp.asarray(y)
+
+    @jax.jit
+    def run(state):
+        return jax.lax.scan(lambda s, idx: step(s, x[idx], y[idx]), state, idx_SxB)[0]
+
+    return run(TrainState(params, optimizer.init(params))).params
+
+
+def numpy_per_example_grads(params, x, y):
+    """Per-example gradients of the MLP's cross-entropy in float64, written out by hand."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    n = x.shape[0]
+    a0 = np.asarray(x, np.float64).reshape(n, -1)
+    z1 = a0 @ p["hidden"]["kernel"] + p["hidden"]["bias"]
+    a1 = np.maximum(z1, 0)
+    z2 = a1 @ p["output"]["kernel"] + p["output"]["bias"]
+    prob = np.exp(z2 - z2.max(axis=1, keepdims=True))
+    prob /= prob.sum(axis=1, keepdims=True)
+    d2 = prob - np.eye(z2.shape[1])[y]
+    d1 = (d2 @ p["output"]["kernel"].T) * (z1 > 0)
+    return {"hidden": {"kernel": a0[:, :, None] * d1[:, None, :], "bias": d1},
+            "output": {"kernel": a1[:, :, None] * d2[:, None, :], "bias": d2}}
+
+
+def leaves(tree):
+    return [np.asarray(a, np.float64) for a in jax.tree.leaves(tree)]
+
+
+def assert_tree_close(actual, expected, rtol, atol_frac=0.0):
+    """Leafwise allclose; atol is `atol_frac` times the largest |expected| entry of the leaf."""
+    for a, e in zip(leaves(actual), leaves(expected)):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol_frac * np.abs(e).max())
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example gradients
+
+
+def test_per_example_grads_equal_a_loop_of_single_example_grads(mnist):
+    x, y = mnist[0][:6], mnist[1][:6]
+    params, model = mlp_params(8), MLP(hidden=8)
+    grads = noise.per_example_grads(params, x, y)
+    single_grad = jax.jit(jax.grad(lambda p, x_1, y_1: cross_entropy(
+        model.apply({"params": p}, x_1), y_1)[0]))
+    for i in range(6):
+        expected = single_grad(params, x[i:i + 1], y[i:i + 1])
+        assert_tree_close(jax.tree.map(lambda g, i=i: g[i], grads), expected, rtol=1e-5,
+                          atol_frac=1e-6)
+
+
+def test_mean_of_per_example_grads_is_the_gradient_of_the_mean_loss(mnist):
+    x, y = mnist[0][:40], mnist[1][:40]
+    params, model = mlp_params(8), MLP(hidden=8)
+    grads = noise.per_example_grads(params, x, y)
+    mean_loss = lambda p: jnp.mean(  # noqa: E731
+        cross_entropy(model.apply({"params": p}, x), y))
+    assert_tree_close(jax.tree.map(lambda g: g.mean(0), grads), jax.grad(mean_loss)(params),
+                      rtol=1e-5, atol_frac=1e-5)
+
+
+def test_gradients_are_of_the_per_example_loss_not_its_share_of_the_mean(mnist):
+    x, y = mnist[0][:1], mnist[1][:1]
+    params = mlp_params(8)
+    one = noise.per_example_grads(params, x, y)
+    many = noise.per_example_grads(params, np.repeat(x, 10, 0), np.repeat(y, 10, 0))
+    # Ten copies: each copy's gradient is the single example's, not a tenth of it.
+    assert_tree_close(jax.tree.map(lambda g: g[3], many), jax.tree.map(lambda g: g[0], one),
+                      rtol=1e-5, atol_frac=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# gradient_stats against references
+
+
+@pytest.mark.parametrize("method", ["dense", "vmap"])
+def test_stats_equal_float64_numpy_and_do_not_depend_on_the_chunking(mnist, method):
+    n = 101
+    x, y = mnist[0][:n], mnist[1][:n]
+    params = mlp_params(8)
+    g = numpy_per_example_grads(params, x, y)
+    mean = jax.tree.map(lambda a: a.mean(0), g)
+    var = jax.tree.map(lambda a: a.var(0), g)  # divisor N
+    for chunk_size in (n, 33, 100, 1000):  # 33 and 100 do not divide 101
+        stats = noise.gradient_stats(params, x, y, method=method, chunk_size=chunk_size)
+        assert stats.num_examples == n and stats.method == method
+        assert_tree_close(stats.mean_grad, mean, rtol=1e-4, atol_frac=1e-5)
+        assert_tree_close(stats.variance, var, rtol=1e-4, atol_frac=1e-5)
+        np.testing.assert_allclose(stats.trace_cov, sum(a.sum() for a in leaves(var)), rtol=1e-5)
+        np.testing.assert_allclose(stats.grad_sq_norm, sum((a**2).sum() for a in leaves(mean)),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(stats.trace_cov_per_layer["hidden/kernel"],
+                                   var["hidden"]["kernel"].sum(), rtol=1e-5)
+
+
+def test_closed_form_example_i_has_gradient_i():
+    n = 10
+    # loss_i = w . x_i with x_i = (i, i, i): g_i = (i, i, i), G = (n - 1) / 2,
+    # Var = (n^2 - 1) / 12 per coordinate.
+    loss_fn = lambda p, x_B, y_B: x_B @ p["w"]  # noqa: E731
+    params = {"w": jnp.zeros(3)}
+    x = np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1)
+    y = np.zeros(n, np.int32)
+    for chunk_size in (n, 3, 4):
+        stats = noise.gradient_stats(params, x, y, loss_fn=loss_fn, chunk_size=chunk_size)
+        assert stats.method == "vmap"
+        np.testing.assert_allclose(stats.mean_grad["w"], [(n - 1) / 2] * 3, rtol=1e-7)
+        np.testing.assert_allclose(stats.variance["w"], [(n * n - 1) / 12] * 3, rtol=1e-6)
+        np.testing.assert_allclose(stats.trace_cov, 3 * (n * n - 1) / 12, rtol=1e-6)
+        np.testing.assert_allclose(stats.noise_scale, (n * n - 1) / 12 / ((n - 1) / 2) ** 2,
+                                   rtol=1e-6)
+        np.testing.assert_allclose(stats.mean_gsnr, ((n - 1) / 2) ** 2 / ((n * n - 1) / 12),
+                                   rtol=1e-6)
+    # Sampling without replacement: Var(mean of B of 0..n-1) = (n^2 - 1)/12 / B (n - B)/(n - 1).
+    for b in (1, 2, 5, n):
+        np.testing.assert_allclose(stats.minibatch_variance(b),
+                                   3 * (n * n - 1) / 12 / b * (n - b) / (n - 1), rtol=1e-6)
+
+
+def test_closed_form_least_squares():
+    # loss_i = (w . x_i - t_i)^2 / 2 has g_i = (w . x_i - t_i) x_i.
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(37, 5)).astype(np.float32), rng.normal(size=37).astype(np.float32)
+    w = rng.normal(size=5).astype(np.float32)
+    loss_fn = lambda p, x_B, t_B: 0.5 * jnp.square(x_B @ p["w"] - t_B)  # noqa: E731
+    g = (x.astype(np.float64) @ w - t)[:, None] * x
+    stats = noise.gradient_stats({"w": jnp.asarray(w)}, x, t, loss_fn=loss_fn, chunk_size=8)
+    np.testing.assert_allclose(stats.mean_grad["w"], g.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats.variance["w"], g.var(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dense", "vmap"])
+def test_identical_examples_have_zero_variance(mnist, method):
+    x, y = np.repeat(mnist[0][5:6], 101, 0), np.repeat(mnist[1][5:6], 101, 0)
+    stats = noise.gradient_stats(mlp_params(8), x, y, method=method, chunk_size=33)
+    # Zero up to the float32 rounding of the chunk means: std below 1e-5 |G|, where the
+    # rounding of a naive E|g|^2 - |G|^2 alone allows sqrt(eps) |G| = 3e-4 |G|.
+    assert stats.grad_sq_norm > 1
+    assert 0 <= stats.trace_cov < 1e-10 * stats.grad_sq_norm
+    assert stats.noise_scale < 1e-10
+    assert stats.minibatch_variance(1) < 1e-10 * stats.grad_sq_norm
+
+
+def test_minibatch_variance_endpoints_and_arguments(mnist):
+    n = 101
+    stats = noise.gradient_stats(mlp_params(8), mnist[0][:n], mnist[1][:n])
+    assert stats.minibatch_variance(n) == 0 and stats.snr(n) == math.inf
+    assert stats.minibatch_variance(1) == pytest.approx(stats.trace_cov, rel=1e-12)
+    sizes = np.array([1, 8, 32, n])
+    np.testing.assert_allclose(stats.minibatch_variance(sizes),
+                               [stats.minibatch_variance(int(b)) for b in sizes])
+    np.testing.assert_allclose(stats.snr(sizes[:-1]),
+                               stats.grad_sq_norm / stats.minibatch_variance(sizes[:-1]))
+    for bad in (0, n + 1, 2.5, True, [1, n + 1]):
+        with pytest.raises(BatchjaxError):
+            stats.minibatch_variance(bad)
+    d = json.loads(json.dumps(stats.to_dict()))
+    assert "mean_grad" not in d and d["trace_cov_per_layer"]["output/bias"] > 0
+    full = stats.to_dict(include_arrays=True)
+    assert np.shape(full["variance"]["hidden"]["kernel"]) == (784, 8)
+
+
+@pytest.mark.parametrize("steps", [0, 200])
+def test_dense_path_equals_vmap_path(mnist, steps):
+    x, y = mnist[0][:300], mnist[1][:300]
+    params = trained_params(*mnist, hidden=8, steps=steps) if steps else mlp_params(8)
+    np.testing.assert_allclose(noise.per_example_sq_norms(params, x, y, method="dense"),
+                               noise.per_example_sq_norms(params, x, y, method="vmap"),
+                               rtol=1e-5)
+    dense = noise.gradient_stats(params, x, y, chunk_size=128)  # "auto"
+    vmap = noise.gradient_stats(params, x, y, method="vmap", chunk_size=128)
+    assert dense.method == "dense"
+    assert dense.grad_sq_norm == pytest.approx(vmap.grad_sq_norm, rel=1e-5)
+    assert dense.trace_cov == pytest.approx(vmap.trace_cov, rel=1e-5)
+    for name, value in vmap.trace_cov_per_layer.items():
+        assert dense.trace_cov_per_layer[name] == pytest.approx(value, rel=1e-5), name
+    assert_tree_close(dense.mean_grad, vmap.mean_grad, rtol=1e-5, atol_frac=1e-5)
+    assert_tree_close(dense.variance, vmap.variance, rtol=1e-5, atol_frac=1e-5)
+    # Weights whose every g_i is 0 (always-black pixels, dead units) are exact zeros in both.
+    assert dense.num_zero_variance == vmap.num_zero_variance > 0
+    assert dense.mean_gsnr == pytest.approx(vmap.mean_gsnr, rel=1e-4)
+    assert dense.mean_loss == pytest.approx(vmap.mean_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dense", "vmap"])
+def test_large_mean_tiny_variance_is_accurate_where_the_naive_formula_fails(mnist, method):
+    # Near-identical examples (bright copies of one digit plus 1e-4 noise, one label): the
+    # gradient signal-to-noise ratio is ~3e7, beyond float32's 1 / eps.
+    rng = np.random.default_rng(0)
+    n = 300
+    x0 = 0.5 + 0.5 * mnist[0][0].astype(np.float64)
+    x = (x0[None] + 1e-4 * rng.standard_normal((n, 28, 28))).astype(np.float32)
+    y = np.full(n, 3, np.int32)
+    params = mlp_params(8)
+    g = numpy_per_example_grads(params, x, y)
+    ref_var = jax.tree.map(lambda a: a.var(0), g)
+    ref_trace = sum(v.sum() for v in leaves(ref_var))
+    ref_gsq = sum((a.mean(0) ** 2).sum() for a in leaves(g))
+    assert ref_gsq / ref_trace > 1e7
+
+    stats = noise.gradient_stats(params, x, y, method=method, chunk_size=128)
+    # The float32 per-example gradients themselves carry relative errors ~1e-4 of their
+    # deviations (eps |G| / std); nothing beyond that is lost.
+    assert stats.trace_cov == pytest.approx(ref_trace, rel=1e-3)
+    assert_tree_close(stats.variance, ref_var, rtol=0, atol_frac=2e-3)
+
+    sq_norms = jnp.asarray(noise.per_example_sq_norms(params, x, y, method=method))
+    mean_f32 = [jnp.mean(a.astype(jnp.float32), axis=0) for a in leaves(g)]
+    naive = float(jnp.mean(sq_norms) - sum(jnp.sum(jnp.square(m)) for m in mean_f32))
+    assert abs(naive - ref_trace) > 0.5 * ref_trace
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled estimates on real data
+
+
+@pytest.fixture(scope="module")
+def mnist_params(mnist):
+    return {"init": mlp_params(128), "trained": trained_params(*mnist, hidden=128, steps=300)}
+
+
+@pytest.mark.parametrize("state", ["init", "trained"])
+def test_empirical_minibatch_variance_matches_the_analytic_value(mnist, mnist_params, state):
+    x, y = mnist
+    params = mnist_params[state]
+    stats = noise.gradient_stats(params, x, y)
+    for batch_size, num_batches in ((8, 2000), (32, 1000), (128, 500)):
+        key = jax.random.key(batch_size)
+        emp = noise.empirical_minibatch_variance(params, x, y, batch_size, num_batches, key,
+                                                 mean_grad=stats.mean_grad)
+        assert (emp.batch_size, emp.num_batches) == (batch_size, num_batches)
+        analytic = stats.minibatch_variance(batch_size)
+        assert abs(emp.mean - analytic) < 3 * emp.stderr, (batch_size, emp, analytic)
+        assert emp.stderr < 0.05 * analytic
+
+
+def check_within_stderr(est, grad_sq_norm, trace_cov, max_rel_err=0.1):
+    # Both estimates are linear in two independent means of num_draws squared norms, so by the
+    # central limit theorem they are normal with the reported standard errors: 4 of them bound
+    # a false failure at 6e-5 per quantity. The errors themselves must be small.
+    for value, err, exact in ((est.grad_sq_norm, est.grad_sq_norm_stderr, grad_sq_norm),
+                              (est.trace_cov, est.trace_cov_stderr, trace_cov),
+                              (est.noise_scale, est.noise_scale_stderr, trace_cov / grad_sq_norm)):
+        assert abs(value - exact) < 4 * err and err < max_rel_err * exact, (value, err, exact)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_two_batch_estimate_closed_form_with_and_without_replacement(replace):
+    # Ten examples with g_i = (i - 3, i - 3, i - 3): |G|^2 = 3 * 1.5^2, tr(Sigma) = 3 * 8.25.
+    # At N = 10 the finite-population v(5) = 1/9 is half of 1/5: the wrong v(B) would fail.
+    n = 10
+    loss_fn = lambda p, x_B, y_B: x_B @ p["w"]  # noqa: E731
+    x = np.repeat(np.arange(n, dtype=np.float32)[:, None] - 3, 3, axis=1)
+    est = noise.two_batch_noise_estimate(
+        {"w": jnp.zeros(3)}, x, np.zeros(n, np.int32), jax.random.key(3), small_batch_size=1,
+        big_batch_size=5, num_draws=20000, replace=replace, loss_fn=loss_fn)
+    assert est.replace is replace and (est.small_batch_size, est.big_batch_size) == (1, 5)
+    check_within_stderr(est, 3 * 1.5**2, 3 * 8.25)
+
+
+def test_two_batch_estimate_converges_to_the_exact_values_on_mnist(mnist, mnist_params):
+    x, y = mnist
+    params = mnist_params["trained"]
+    stats = noise.gradient_stats(params, x, y)
+    est = noise.two_batch_noise_estimate(params, x, y, jax.random.key(7), small_batch_size=16,
+                                         big_batch_size=1024, num_draws=300)
+    assert not est.replace and est.num_draws == 300
+    check_within_stderr(est, stats.grad_sq_norm, stats.trace_cov)
+    assert est.noise_scale == pytest.approx(stats.noise_scale, rel=0.3)
+
+
+def test_empirical_variance_computes_the_full_batch_gradient_when_not_given(mnist):
+    x, y = mnist[0][:500], mnist[1][:500]  # the shapes of the make_measure test
+    params, key = mlp_params(16), jax.random.key(0)
+    given = noise.empirical_minibatch_variance(
+        params, x, y, 16, 50, key, mean_grad=noise.gradient_stats(params, x, y).mean_grad)
+    computed = noise.empirical_minibatch_variance(params, x, y, 16, 50, key)
+    assert computed.mean == pytest.approx(given.mean, rel=1e-5)
+    assert computed.stderr == pytest.approx(given.stderr, rel=1e-4)
+
+
+def test_sampling_arguments_are_checked(mnist):
+    x, y = mnist[0][:20], mnist[1][:20]
+    params, key = mlp_params(8), jax.random.key(0)
+    with pytest.raises(BatchjaxError):
+        noise.empirical_minibatch_variance(params, x, y, 21, 10, key)
+    with pytest.raises(BatchjaxError):
+        noise.empirical_minibatch_variance(params, x, y, 4, 1, key)
+    with pytest.raises(BatchjaxError):
+        noise.two_batch_noise_estimate(params, x, y, key, small_batch_size=8,
+                                       big_batch_size=8, num_draws=10)
+    with pytest.raises(BatchjaxError):
+        noise.gradient_stats(params, x, y, chunk_size=0)
+    with pytest.raises(BatchjaxError):
+        noise.gradient_stats(params, x, y, method="dense",
+                             loss_fn=lambda p, a, b: jnp.zeros(a.shape[0]))
+    with pytest.raises(BatchjaxError):
+        noise.gradient_stats(params, x, y, method="fast")
+    with pytest.raises(BatchjaxError):
+        noise.gradient_stats({"w": jnp.zeros(3)}, x, y)  # not an MLP and no loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# make_measure
+
+
+class _Data:
+    def __init__(self, x, y):
+        self.x_train, self.y_train, self.num_classes, self.num_train = x, y, 10, len(y)
+
+
+RECORD_KEYS = {"step", "examples_seen", "train_loss", "grad_sq_norm", "trace_cov",
+               "trace_cov_per_layer", "noise_scale", "mean_gsnr", "minibatch_variance", "snr",
+               "empirical", "probe_size", "seconds"}
+
+
+def test_make_measure_records_every_seed_and_batch_size_without_recompiling(mnist):
+    data = _Data(mnist[0][:600], mnist[1][:600])
+    config = TrainConfig.tiny(probe_size=500)
+    measure = noise.make_measure(data, config, batch_sizes=[8, 32, 128], empirical_batches=50)
+    params_list = [mlp_params(16, seed) for seed in (0, 1)]
+    first = measure(params_list, 10, 160)
+    sizes = (noise._chunk_moments._cache_size(), noise._minibatch_sq_norms._cache_size())
+    second = measure(params_list, 10, 160)
+    third = measure(params_list, 11, 176)
+    assert (noise._chunk_moments._cache_size(),
+            noise._minibatch_sq_norms._cache_size()) == sizes
+    assert len(first) == 2 and all(len(records) == 1 for records in first)
+    for records in first:
+        r = records[0]
+        assert set(r) == RECORD_KEYS and json.loads(json.dumps(r)) == r
+        assert (r["step"], r["examples_seen"], r["probe_size"]) == (10, 160, 500)
+        assert set(r["minibatch_variance"]) == set(r["snr"]) == {"8", "32", "128"}
+        assert set(r["trace_cov_per_layer"]) == {"hidden/kernel", "hidden/bias",
+                                                "output/kernel", "output/bias"}
+        emp = r["empirical"]
+        assert (emp["batch_size"], emp["num_batches"]) == (16, 50)
+        assert abs(emp["mean"] - emp["analytic"]) < 4 * emp["stderr"]
+    # Deterministic given the step; seeds and steps draw different minibatches.
+    strip = lambda rs: [{k: v for k, v in r[0].items() if k != "seconds"} for r in rs]  # noqa
+    assert strip(first) == strip(second)
+    assert first[0][0]["empirical"]["mean"] != third[0][0]["empirical"]["mean"]
+    assert first[0][0]["trace_cov"] != first[1][0]["trace_cov"]
+    with pytest.raises(BatchjaxError):
+        noise.make_measure(data, TrainConfig.tiny(probe_size=601), batch_sizes=[8])
+    with pytest.raises(BatchjaxError):
+        noise.make_measure(data, config, batch_sizes=[501])
+
+
+
+def test_group_measure_keyed_by_seed_equals_single_seed_measures(mnist):
+    data = _Data(mnist[0][:300], mnist[1][:300])
+    config = TrainConfig.tiny(probe_size=256)
+    params = {seed: mlp_params(16, seed) for seed in (3, 7)}
+    group = noise.make_measure(data, config, batch_sizes=[8], seeds=[3, 7], empirical_batches=20)
+    together = group([params[3], params[7]], 5, 80)
+    for i, seed in enumerate((3, 7)):
+        alone = noise.make_measure(data, dataclasses.replace(config, seed=seed), batch_sizes=[8],
+                                   empirical_batches=20)([params[seed]], 5, 80)
+        assert together[i][0]["empirical"] == alone[0][0]["empirical"]
+    # Order in the group does not matter: the key follows the seed, not the position.
+    swapped = noise.make_measure(data, config, batch_sizes=[8], seeds=[7, 3],
+                                 empirical_batches=20)([params[7], params[3]], 5, 80)
+    assert swapped[1][0]["empirical"] == together[0][0]["empirical"]
