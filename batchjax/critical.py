@@ -59,9 +59,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import ticker
 
 from batchjax.errors import BatchjaxError
 
@@ -482,6 +480,7 @@ def _number(value: float) -> str:
 
 
 def _power_of_two_axis(axis) -> None:
+    from matplotlib import ticker  # plotting stays out of `import batchjax`
     # Every power of two gets a plain-number tick (matplotlib thins them and writes 2^k).
     axis.set_major_locator(ticker.LogLocator(base=2, subs=(1.0,), numticks=30))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -592,6 +591,8 @@ def figure_critical_batch(batch_sizes: Sequence[float], steps: Any,
     """
     if fit is None:
         fit = fit_critical_batch(batch_sizes, steps)
+    import matplotlib.pyplot as plt  # plotting stays out of `import batchjax`
+
     with plt.rc_context({"font.size": 7, "axes.titlesize": 8, "axes.labelsize": 7,
                          "xtick.labelsize": 6.5, "ytick.labelsize": 6.5,
                          "legend.fontsize": 5.5, "axes.linewidth": 0.6}):

@@ -239,9 +239,12 @@ def make_synthetic(
             f"got {image_shape!r}"
         )
     generator = np.random.default_rng(seed)
-    x_train = generator.random((num_train, *image_shape), dtype=np.float32)
+    x_train = generator.random(dtype=np.float32, out=aligned_empty((num_train, *image_shape),
+                                                                   np.float32))
     y_train = generator.integers(0, num_classes, num_train).astype(np.int32)
-    x_val = generator.random((num_val, *image_shape), dtype=np.float32)
+    x_val = generator.random(dtype=np.float32, out=aligned_empty((num_val, *image_shape),
+                                                                 np.float32))
+    x_train.flags.writeable = x_val.flags.writeable = False  # may be shared with the device
     y_val = generator.integers(0, num_classes, num_val).astype(np.int32)
     return Dataset(
         x_train=x_train,
@@ -464,9 +467,24 @@ def _load_tfds(
     )
 
 
+def aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary.
+
+    JAX's CPU backend uses a 64-byte-aligned NumPy array in place instead of copying it
+    (`jax.device_put` aliases it), so a dataset built on such arrays is not held twice in
+    memory while training: 188 MB saved for MNIST's 60,000 training images.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = np.empty(nbytes + alignment, np.uint8)
+    offset = (-buffer.ctypes.data) % alignment
+    return buffer[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def _to_float(images: np.ndarray) -> np.ndarray:
-    x = images.astype(np.float32)
-    x /= 255  # in place: a 60,000-image split is 188 MB as float32
+    x = aligned_empty(images.shape, np.float32)
+    np.divide(images, np.float32(255), out=x, dtype=np.float32)
+    x.flags.writeable = False  # the device may share this memory: keep it as loaded
     return x
 
 
