@@ -397,7 +397,9 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
               command: Sequence[str] | None = None, verbose: bool = True,
               stream: TextIO | None = None,
               on_epoch_end: Callable[[int, int, list], None] | None = None,
-              sharpness: SharpnessSettings | None = SharpnessSettings()) -> SweepResults:
+              sharpness: SharpnessSettings | None = SharpnessSettings(),
+              process_index: int = 0, process_count: int = 1,
+              barrier: Callable[[str], None] | None = None) -> SweepResults:
     """Train every (batch size, seed) of the grid and save each run under `out_dir`.
 
     Args:
@@ -412,9 +414,14 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
       stream: where progress goes (default stderr).
       on_epoch_end: optional `on_epoch_end(batch_size, epoch, results)` after each epoch's line.
       sharpness: how to measure each run's sharpness at its end, or None not to.
+      process_index, process_count, barrier: for a multi-host job (`jax.distributed`), every
+        process calls `run_sweep` on the same shared `out_dir`; process p trains the batch
+        sizes whose position in `batch_sizes` is p modulo `process_count`, on its own local
+        devices. Process 0 alone checks the directory and writes the manifest;
+        `barrier(name)` (e.g. `multihost_utils.sync_global_devices`) orders the processes.
 
     Returns:
-      The sweep as loaded back from disk.
+      The sweep as loaded back from disk (after every process has finished).
 
     Raises:
       BatchjaxError: bad batch sizes, seeds or probe size; an output directory that holds
@@ -428,11 +435,22 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
              "config": shared_config(config),
              "sharpness": sharpness.to_dict() if sharpness is not None else None,
              "dataset": dataset.describe()}
-    saved = prepare_out_dir(out_dir, asked, resume)
-    if saved is not None:
-        remove_stale_temp_files(out_dir)
+    if not 0 <= process_index < process_count:
+        raise BatchjaxError(f"process_index {process_index} is not in [0, {process_count})")
+    if process_count > 1 and barrier is None:
+        raise BatchjaxError("a multi-process sweep needs a barrier (multihost_utils)")
+    lead = process_index == 0
+    if lead:
+        saved = prepare_out_dir(out_dir, asked, resume)
+        if saved is not None:
+            remove_stale_temp_files(out_dir)
+    if process_count > 1:
+        barrier("batchjax-sweep-start")  # the lead has checked and prepared the directory
+    if not lead:
+        saved = read_json(out_dir / MANIFEST) if resume else None
+    mine = [b for i, b in enumerate(batch_sizes) if i % process_count == process_index]
     todo = {}
-    for b in batch_sizes:
+    for b in mine:
         done = _completed_seeds(out_dir, configs[b], seeds) if saved is not None else []
         missing = [s for s in seeds if s not in done]
         if missing:
@@ -444,10 +462,11 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
                          "started": session["started"], "finished": None, "sessions": []}
     manifest["sessions"] = list(manifest.get("sessions", [])) + [session]
     manifest["finished"] = None
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    if lead:
+        write_json_atomic(out_dir / MANIFEST, manifest)
 
     progress = Progress(sum(config.epochs for _ in todo), stream=stream, enabled=verbose)
-    skipped = [b for b in batch_sizes if b not in todo]
+    skipped = [b for b in mine if b not in todo]
     if skipped:
         progress.write(f"resume: batch sizes {', '.join(map(str, skipped))} already complete "
                        "for every seed; skipped")
@@ -494,6 +513,14 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
                                    f"{r.diverged_step}; saved with status 'diverged'")
     finally:
         progress.close()
-    session["finished"] = manifest["finished"] = _now()
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    if process_count > 1:
+        barrier("batchjax-sweep-end")  # every process has written its runs
+    if lead:
+        session["finished"] = manifest["finished"] = _now()
+        if process_count > 1:
+            session["processes"] = process_count
+            session["trained"] = [run_name(b, s) for b in batch_sizes for s in seeds]
+        write_json_atomic(out_dir / MANIFEST, manifest)
+    if process_count > 1:
+        barrier("batchjax-sweep-manifest")
     return load_sweep(out_dir)

@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures-dir", default="figures", help="default figures/")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress; the report still prints")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: join a jax.distributed job (coordinator, process count and "
+                        "id from the flags below or detected from SLURM/Open MPI/...); each "
+                        "process trains its share of the batch sizes into the shared --out, "
+                        "process 0 writes figures and report")
+    p.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--lr", type=float, default=DEFAULTS.learning_rate, help="learning_rate")
     p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=DEFAULTS.lr_scaling)
     p.add_argument("--reference-batch-size", type=int, default=DEFAULTS.reference_batch_size)
@@ -122,6 +130,23 @@ def check_targets(target_loss: float | None, target_accuracy: float | None) -> N
         raise BatchjaxError(f"--target-accuracy must be in (0, 1], got {target_accuracy}")
 
 
+def distributed_setup(args) -> dict:
+    """Joins the multi-host job; returns run_sweep's process arguments."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    try:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                                   args.process_id)
+    except (RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BatchjaxError(f"--distributed: jax.distributed.initialize() failed ({first}); pass "
+                            "--coordinator-address, --num-processes and --process-id, or run "
+                            "under a cluster manager JAX detects (SLURM, Open MPI, ...)") from None
+    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "barrier": multihost_utils.sync_global_devices}
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -142,11 +167,15 @@ def main(argv=None) -> int:
         batch_sizes, seeds = check_grid(config, args.batch_sizes, range(args.seeds))
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
                                verbose=not args.quiet)
+        processes = distributed_setup(args) if args.distributed else {}
         start = time.perf_counter()
         results = run_sweep(args.out, config, dataset, batch_sizes=batch_sizes, seeds=seeds,
                             resume=args.resume, command=sys.argv, verbose=not args.quiet,
-                            sharpness=SharpnessSettings() if args.sharpness else None)
+                            sharpness=SharpnessSettings() if args.sharpness else None,
+                            **processes)
         train_time = time.perf_counter() - start
+        if processes.get("process_index", 0) != 0:
+            return 0  # process 0 draws the figures and writes the report
         targets = {"target_loss": args.target_loss, "target_accuracy": args.target_accuracy}
         figures, notes = ([], []) if args.no_figures else make_figures(
             results, args.figures_dir, **targets)

@@ -345,7 +345,8 @@ def test_cli_figures_names_a_corrupt_file(reference, tmp_path, capsys):
     assert err.count("\n") == 1 and "bs00064_seed1/metrics.json is corrupt" in err
 
 
-def test_sigint_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(tmp_path, signum):
     out = tmp_path / "out"
     argv = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--dataset", "mnist-5k",
             "--batch-sizes", "32,64", "--epochs", "2", "--seeds", "2", "--hidden", "16",
@@ -357,7 +358,7 @@ def test_sigint_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(tm
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the sweep never finished its first batch size"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.splitlines()[-1].startswith("interrupted: finished runs are saved")
