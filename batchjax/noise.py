@@ -110,7 +110,8 @@ def _model_loss_fn(model) -> LossFn:
     return loss_fn
 
 
-def _resolve_loss_fn(params: Params, model, loss_fn: LossFn | None) -> LossFn:
+def resolve_loss_fn(params: Params, model, loss_fn: LossFn | None) -> LossFn:
+    """The per-example loss of `model` (default: the MLP of `params`), or `loss_fn` itself."""
     if loss_fn is not None:
         if model is not None:
             raise BatchjaxError("pass either model or loss_fn, not both")
@@ -151,7 +152,7 @@ def per_example_grads(params: Params, x: Any, y: Any, *, model: MLP | None = Non
     Returns:
       A pytree like `params` whose leaves have a leading axis of length N; entry i is g_i.
     """
-    loss_fn = _resolve_loss_fn(params, model, loss_fn)
+    loss_fn = resolve_loss_fn(params, model, loss_fn)
     x_N, y_N = _check_xy(x, y)
     return _per_example_grads(params, x_N, y_N, loss_fn)
 
@@ -520,7 +521,7 @@ def gradient_stats(params: Params, x: Any, y: Any, *, model: MLP | None = None,
     """
     method = _select_method(params, model, loss_fn, method)
     if method == "vmap":
-        loss_fn = _resolve_loss_fn(params, model, loss_fn)
+        loss_fn = resolve_loss_fn(params, model, loss_fn)
     else:
         loss_fn = None
     x_N, y_N = _check_xy(x, y)
@@ -652,7 +653,7 @@ def empirical_minibatch_variance(params: Params, x: Any, y: Any, batch_size: int
     Returns:
       An `EmpiricalVariance`.
     """
-    loss_fn = _resolve_loss_fn(params, model, loss_fn)
+    loss_fn = resolve_loss_fn(params, model, loss_fn)
     x_N, y_N = _check_xy(x, y)
     _check_batch_sizes(batch_size, x_N.shape[0])
     num_batches = _check_count("num_batches", num_batches, 2)
@@ -721,7 +722,7 @@ def two_batch_noise_estimate(params: Params, x: Any, y: Any, key: jax.Array, *,
     Returns:
       A `TwoBatchEstimate`.
     """
-    loss_fn = _resolve_loss_fn(params, model, loss_fn)
+    loss_fn = resolve_loss_fn(params, model, loss_fn)
     x_N, y_N = _check_xy(x, y)
     n = x_N.shape[0]
     small = _check_count("small_batch_size", small_batch_size)

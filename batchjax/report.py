@@ -672,7 +672,7 @@ def claim_balance(results: SweepResults, summary, claims: list[Claim]) -> Claim:
             "fails if it is worse than the best by more than 2 SE on either, or rougher than the "
             "smallest.")
     bs = list(summary)
-    evidence = [f"claims 1-4: " + ", ".join(f"{c.number} {c.verdict}" for c in claims)]
+    evidence = ["claims 1-4: " + ", ".join(f"{c.number} {c.verdict}" for c in claims)]
     b_simple = [f"{b}: {summary[b]['b_simple_end'].format('.0f')}" for b in bs
                 if np.isfinite(summary[b]["b_simple_end"].mean)]
     if b_simple:

@@ -51,24 +51,14 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from batchjax.errors import BatchjaxError
-from batchjax.model import MLP, Params, model_from_params
-from batchjax.train import cross_entropy
+from batchjax.model import MLP, Params
+from batchjax.noise import resolve_loss_fn
 
 LossFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
 
 # 1,024 examples of MNIST per chunk keep the forward-over-reverse intermediates of the
 # 101,770-parameter MLP around 10 MB.
 CHUNK_SIZE = 1024
-
-
-@functools.lru_cache(maxsize=64)
-def _model_loss_fn(model: MLP) -> LossFn:
-    """Mean cross-entropy of a flax model; cached so that jit sees the same function."""
-
-    def loss_fn(params, x_B, y_B):
-        return jnp.mean(cross_entropy(model.apply({"params": params}, x_B), y_B))
-
-    return loss_fn
 
 
 def _chunk_mean_loss(loss_fn: LossFn, params, x_C, y_C) -> jax.Array:
@@ -184,19 +174,6 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _resolve_loss_fn(params: Params, model: MLP | None, loss_fn: LossFn | None) -> LossFn:
-    if loss_fn is not None:
-        if model is not None:
-            raise BatchjaxError("pass either model or loss_fn, not both")
-        return loss_fn
-    if model is None:
-        try:
-            model = model_from_params(params)
-        except ValueError as err:
-            raise BatchjaxError(f"{err}") from None
-    return _model_loss_fn(model)
-
-
 def _lanczos(matvec: Callable[[np.ndarray], np.ndarray], v0_P: np.ndarray, num_iters: int,
              tol: float) -> dict[str, Any]:
     """Extreme Ritz values of a symmetric operator, Lanczos with full reorthogonalisation."""
@@ -275,7 +252,7 @@ def sharpness(params: Params, x: Any, y: Any, *, model: MLP | None = None,
     hutchinson_samples = _check_count("hutchinson_samples", hutchinson_samples, 0)
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise BatchjaxError(f"tol must be a number > 0, got {tol!r}")
-    loss_fn = _resolve_loss_fn(params, model, loss_fn)
+    loss_fn = resolve_loss_fn(params, model, loss_fn)
     x_N, y_N = jnp.asarray(x), jnp.asarray(y)
     if x_N.ndim < 1 or x_N.shape[0] == 0 or y_N.shape[:1] != x_N.shape[:1]:
         raise BatchjaxError(f"x and y must hold the same positive number of examples, got "

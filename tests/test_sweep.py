@@ -23,7 +23,6 @@ from batchjax.data import load_dataset
 from batchjax.errors import BatchjaxError
 from batchjax.model import MLP
 from batchjax.results import load_sweep
-from batchjax.sharpness import SharpnessSettings
 from batchjax.sweep import Progress, run_sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
