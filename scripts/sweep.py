@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "id from the flags below or detected from SLURM/Open MPI/...); each "
                         "process trains its share of the batch sizes into the shared --out, "
                         "process 0 writes figures and report")
+    p.add_argument("--cpu-devices", type=int, default=0,
+                   help="split the CPU into this many JAX devices so seeds train on separate "
+                        "cores (e.g. --seeds 4 --cpu-devices 2); 0: JAX's default of one")
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -167,6 +170,11 @@ def main(argv=None) -> int:
         batch_sizes, seeds = check_grid(config, args.batch_sizes, range(args.seeds))
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
                                verbose=not args.quiet)
+        if args.cpu_devices < 0:
+            raise BatchjaxError(f"--cpu-devices must be >= 0, got {args.cpu_devices}")
+        if args.cpu_devices:
+            import jax
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
         processes = distributed_setup(args) if args.distributed else {}
         start = time.perf_counter()
         results = run_sweep(args.out, config, dataset, batch_sizes=batch_sizes, seeds=seeds,

@@ -313,6 +313,7 @@ def test_progress_is_plain_lines_off_a_terminal_and_redrawn_on_one():
     (["--target-loss", "-1"], "--target-loss must be a finite number > 0"),
     (["--target-accuracy", "1.5"], "--target-accuracy must be in (0, 1]"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--cpu-devices", "-1"], "--cpu-devices must be >= 0"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(argv, match, capsys, tmp_path):
     sweep = load_script("sweep")
