@@ -321,7 +321,7 @@ def seed_shardings(num_seeds: int, devices: Sequence[jax.Device] | None = None):
 def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
                 verbose: bool = False, devices: Sequence[jax.Device] | None = None,
                 on_epoch_end: Callable[[int, list[TrainResult]], None] | None = None,
-                measure: Callable | None = None) -> list[TrainResult]:
+                measure: Callable | None | str = "default") -> list[TrainResult]:
     """Train one run per seed of `config` on `dataset`, the seeds `jax.vmap`ped together.
 
     Each seed's numbers equal those of `train(dataclasses.replace(config, seed=s), dataset)`
@@ -334,8 +334,10 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
       verbose: print a Keras-like line per epoch (the first seed's numbers).
       devices: devices to spread the seeds over (default: the local ones; `seed_shardings`).
       on_epoch_end: called as `on_epoch_end(epoch, results)` after each epoch (1-based).
-      measure: optional `measure(params_list, step, examples_seen) -> list[list[dict]]` (one
-        list of records per seed), called after the steps of `measurement_steps(config, ...)`
+      measure: `measure(params_list, step, examples_seen) -> list[list[dict]]` (one list of
+        records per seed), or None for no measurements. The default, "default", is
+        `batchjax.noise.make_measure` at the run's own batch size when `config.noise_schedule`
+        is not "none". It is called after the steps of `measurement_steps(config, ...)`
         (before the first step and at every epoch end; also at log-spaced steps inside epochs
         for `noise_schedule="log"`); the records are appended to each run's `noise`. Its time
         is not counted in `train_seconds`.
@@ -349,6 +351,13 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
     configs = [dataclasses.replace(config, seed=s) for s in seeds]  # validates each seed
     num_train = dataset.num_train
     check_batch_size(config.batch_size, num_train)
+    if isinstance(measure, str):
+        if measure != "default":
+            raise BatchjaxError(f"measure must be a callable, None or 'default', got {measure!r}")
+        measure = None
+        if config.noise_schedule != "none":
+            from batchjax.noise import make_measure  # noise builds on this module
+            measure = make_measure(dataset, config, batch_sizes=[config.batch_size], seeds=seeds)
     model = MLP(config.hidden, dataset.num_classes)
     optimizer = make_optimizer(config)
     image_shape = dataset.x_train.shape[1:]

@@ -206,3 +206,18 @@ def test_log_schedule_measures_inside_epochs_without_changing_training(small, se
     for a, b in zip(logged, plain):
         np.testing.assert_array_equal(a.step_losses, b.step_losses)
         assert a.history["val_loss"] == b.history["val_loss"]
+
+
+def test_train_measures_gradient_noise_by_default(small):
+    result = train(TrainConfig.tiny(batch_size=16, epochs=2), small)
+    assert [r["step"] for r in result.noise] == [0, 13, 26]
+    assert [r["examples_seen"] for r in result.noise] == [0, 203, 406]
+    first = result.noise[0]
+    # Before the first step the probe loss is the loss of the initial parameters on all data.
+    model = MLP(16, 10)
+    params0 = init_params(model, jax.random.fold_in(jax.random.key(0), 0), (28, 28))
+    logits = np.asarray(model.apply({"params": params0}, small.x_train))
+    assert first["train_loss"] == pytest.approx(
+        numpy_cross_entropy(logits, small.y_train).mean(), rel=1e-5)
+    assert first["noise_scale"] == pytest.approx(first["trace_cov"] / first["grad_sq_norm"])
+    assert train(TrainConfig.tiny(noise_schedule="none"), small).noise == []
