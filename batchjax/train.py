@@ -163,9 +163,47 @@ def make_train_steps(model: MLP | None, optimizer: optax.GradientTransformation 
     return train_steps
 
 
+def _stable_sort_values(keys_N: jax.Array, values_N: jax.Array) -> jax.Array:
+    """`lax.sort_key_val(keys_N, values_N)[1]` (a stable sort) for integer keys, faster on CPU.
+
+    XLA:CPU sorts a single array of integers several times faster than (key, value) pairs,
+    which go through a generic comparator (60,000 pairs: 12 ms; the keys alone: 2 ms). So:
+    sort the keys alone, find each key's first slot in the sorted keys by binary search, and
+    place equal keys in slots by their original order (a scatter-min per round; one round
+    when all keys differ, which is almost always the case for random 32-bit keys).
+    """
+    n = keys_N.shape[0]
+    sorted_N = jnp.sort(keys_N)
+    slot_N = jnp.searchsorted(sorted_N, keys_N, side="left",
+                              method="scan_unrolled").astype(jnp.int32)
+    index_N = jnp.arange(n, dtype=jnp.int32)
+
+    def place_ties(carry):
+        slot_N, placed_N = carry
+        # Among the unplaced examples aiming at a slot, the one with the smallest index
+        # takes it; the others move on to the next slot of their run of equal keys.
+        claim_N = jnp.full((n,), n, jnp.int32).at[slot_N].min(jnp.where(placed_N, n, index_N))
+        won_N = ~placed_N & (claim_N[slot_N] == index_N)
+        return jnp.where(placed_N | won_N, slot_N, slot_N + 1), placed_N | won_N
+
+    slot_N, _ = jax.lax.while_loop(lambda carry: ~jnp.all(carry[1]), place_ties,
+                                   (slot_N, jnp.zeros((n,), bool)))
+    return jnp.zeros_like(values_N).at[slot_N].set(values_N, unique_indices=True)
+
+
 def epoch_permutation(key: jax.Array, num_train: int) -> jax.Array:
-    """The order in which an epoch visits the examples: a permutation drawn from `key`."""
-    return jax.random.permutation(key, num_train)
+    """The order in which an epoch visits the examples: a permutation drawn from `key`.
+
+    Equal to `jax.random.permutation(key, num_train)` (the same rounds of stable sorts by
+    random 32-bit keys, as `jax.random` draws them; tested element for element), in about a
+    third of the time on CPU: see `_stable_sort_values`.
+    """
+    num_rounds = int(np.ceil(3 * np.log(max(1, num_train)) / np.log(np.iinfo(np.uint32).max)))
+    perm_N = jnp.arange(num_train)
+    for _ in range(num_rounds):
+        key, subkey = jax.random.split(key)
+        perm_N = _stable_sort_values(jax.random.bits(subkey, (num_train,), jnp.uint32), perm_N)
+    return perm_N
 
 
 def make_train_epoch(model: MLP | None, optimizer: optax.GradientTransformation | None,
@@ -300,6 +338,21 @@ def check_batch_size(batch_size: int, num_train: int) -> None:
                             f"({num_train} examples); choose a batch size <= {num_train}")
 
 
+def compiler_options(devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+    """XLA options for the training executables on the platform of `devices` (default: local).
+
+    On CPU: the memory-optimized instruction scheduler. The default (concurrency-optimized)
+    order lets the thunk executor hand independent kernels of one step to different threads;
+    at small batches each hand-off costs more than the kernel (B = 8 epoch: 0.73 s -> 0.60 s
+    on 2 cores; no change at B = 32 or 128). Scheduling orders the same kernels differently;
+    it changes no arithmetic. Elsewhere: none.
+    """
+    devices = list(devices if devices is not None else jax.local_devices())
+    if devices[0].platform == "cpu":
+        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return {}
+
+
 def seed_shardings(num_seeds: int, devices: Sequence[jax.Device] | None = None):
     """Shardings that split a leading seed axis across devices and replicate the data.
 
@@ -380,8 +433,11 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], *,
         vmap_seeds = jax.vmap
         unstack = lambda tree: [jax.tree.map(lambda a, i=i: a[i], tree)  # noqa: E731
                                 for i in range(len(seeds))]
-    epoch_jit = jax.jit(vmap_seeds(epoch_fn, in_axes=(0, None, None, 0)), donate_argnums=0)
-    steps_jit = jax.jit(vmap_seeds(steps_fn, in_axes=(0, None, None, 0)), donate_argnums=0)
+    options = compiler_options(devices)
+    epoch_jit = jax.jit(vmap_seeds(epoch_fn, in_axes=(0, None, None, 0)), donate_argnums=0,
+                        compiler_options=options)
+    steps_jit = jax.jit(vmap_seeds(steps_fn, in_axes=(0, None, None, 0)), donate_argnums=0,
+                        compiler_options=options)
     perm_jit = jax.jit(vmap_seeds(perm_fn, in_axes=0))
     eval_jit = jax.jit(vmap_seeds(evaluate, in_axes=(0, None, None)))
 

@@ -1,10 +1,12 @@
 """The MLP against its definition: shapes, parameter count, Keras' initialisation, forward pass."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from batchjax.model import MLP, count_params, init_params, model_from_params
+from batchjax.model import (MLP, SMALL_PRODUCT, count_params, dense_dot_general, init_params,
+                            model_from_params)
 
 
 def test_parameter_count_and_shapes():
@@ -51,3 +53,32 @@ def test_forward_matches_numpy():
     h = np.maximum(x.reshape(5, -1) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
     expected = h @ p["output"]["kernel"] + p["output"]["bias"]
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# dense_dot_general: every derivative that of x @ W, checked against closed forms in float64.
+# For f(W) = |x W|^2 / 2: grad = x^T x W, Hessian-vector product H v = x^T x v, and the
+# per-example gradients are x_i^T x_i W.
+@pytest.mark.parametrize("batch,width", [(1, 5), (8, 5), (8, 32), (15, 16), (32, 5), (32, 32)])
+def test_dense_dot_general_derivatives_match_closed_forms(batch, width):
+    rng = np.random.default_rng(batch * 100 + width)
+    x = rng.standard_normal((batch, 20)).astype(np.float32)
+    w = rng.standard_normal((20, width)).astype(np.float32)
+    v = rng.standard_normal((20, width)).astype(np.float32)
+    x64, w64, v64 = (a.astype(np.float64) for a in (x, w, v))
+    dims = (((1,), (0,)), ((), ()))
+
+    def f(w_, x_=x):
+        return 0.5 * jnp.sum(jnp.square(dense_dot_general(x_, w_, dims)))
+
+    assert (min(batch, width) < SMALL_PRODUCT) == (batch < 16 or width < 16)
+    np.testing.assert_allclose(jax.jit(f)(w), 0.5 * np.sum((x64 @ w64) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(w), x64.T @ x64 @ w64, rtol=1e-4, atol=1e-4)
+    hvp = jax.jit(lambda w_, v_: jax.jvp(jax.grad(f), (w_,), (v_,))[1])(w, v)
+    np.testing.assert_allclose(hvp, x64.T @ x64 @ v64, rtol=1e-4, atol=1e-4)
+    jac_fwd = jax.jacfwd(lambda w_: dense_dot_general(x, w_, dims))(w)
+    np.testing.assert_allclose(jac_fwd, np.einsum("bd,hk->bhdk", x64, np.eye(width)), atol=1e-6)
+    per_example = jax.vmap(jax.grad(lambda w_, x_i: f(w_, x_i[None])), in_axes=(None, 0))(w, x)
+    np.testing.assert_allclose(per_example, np.einsum("bd,be,eh->bdh", x64, x64, w64),
+                               rtol=1e-4, atol=1e-4)
+    dx = jax.grad(lambda x_: f(w, x_))(x)
+    np.testing.assert_allclose(dx, x64 @ w64 @ w64.T, rtol=1e-4, atol=1e-4)

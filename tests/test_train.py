@@ -11,9 +11,9 @@ import pytest
 from batchjax import BatchjaxError, TrainConfig, train, train_seeds
 from batchjax.data import load_dataset, make_synthetic
 from batchjax.model import MLP, init_params
-from batchjax.train import (cross_entropy, epoch_batch_sizes, init_train_state, make_evaluate,
-                            make_optimizer, make_train_epoch, make_train_step,
-                            scale_by_keras_adam)
+from batchjax.train import (compiler_options, cross_entropy, epoch_batch_sizes,
+                            epoch_permutation, init_train_state, make_evaluate, make_optimizer,
+                            make_train_epoch, make_train_step, scale_by_keras_adam)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,50 @@ def test_scan_epoch_equals_python_loop_of_steps(small):
     np.testing.assert_allclose(np.asarray(metrics.losses), ref_losses, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  state.params, ref_state.params)
+
+
+@pytest.mark.parametrize("num_train", [1, 2, 7, 203, 4000, 60000])
+def test_epoch_permutation_is_jax_random_permutation(num_train):
+    # The same permutation as jax.random.permutation, element for element: typed and raw keys,
+    # jitted and vmapped over seeds (as train_seeds calls it).
+    keys = [jax.random.key(s) for s in range(3)]
+    perm = jax.jit(epoch_permutation, static_argnums=1)
+    for key in keys:
+        np.testing.assert_array_equal(perm(key, num_train), jax.random.permutation(key, num_train))
+    raw = jax.random.PRNGKey(11)
+    np.testing.assert_array_equal(epoch_permutation(raw, num_train),
+                                  jax.random.permutation(raw, num_train))
+    batched = jax.jit(jax.vmap(lambda k: epoch_permutation(k, num_train)))(jnp.stack(keys))
+    for key, row in zip(keys, np.asarray(batched)):
+        np.testing.assert_array_equal(row, jax.random.permutation(key, num_train))
+
+
+@pytest.mark.parametrize("num_keys,key_range", [(1000, 7), (1000, 1000), (257, 2), (64, 2**32)])
+def test_stable_sort_with_ties_matches_numpy_stable_argsort(num_keys, key_range):
+    # Random 32-bit keys almost never tie; these do, in runs of up to ~150 equal keys.
+    from batchjax.train import _stable_sort_values
+    rng = np.random.default_rng(num_keys + key_range)
+    keys = rng.integers(0, key_range, num_keys, dtype=np.uint64).astype(np.uint32)
+    values = rng.permutation(num_keys).astype(np.int32)
+    expected = values[np.argsort(keys, kind="stable")]
+    np.testing.assert_array_equal(jax.jit(_stable_sort_values)(keys, values), expected)
+    batched = jax.jit(jax.vmap(_stable_sort_values))(np.stack([keys, keys[::-1]]),
+                                                       np.stack([values, values]))
+    np.testing.assert_array_equal(batched[0], expected)
+    np.testing.assert_array_equal(batched[1], values[np.argsort(keys[::-1], kind="stable")])
+
+
+def test_cpu_compiler_options_change_no_number(small):
+    # The CPU scheduling option reorders kernels; the epoch must come out bit for bit the same.
+    assert compiler_options(jax.devices("cpu")) == {
+        "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    cfg = TrainConfig(batch_size=8, hidden=16)
+    epoch = make_train_epoch(MLP(16, 10), make_optimizer(cfg), small.num_train, 8)
+    state0 = init_train_state(cfg, jax.random.key(0), (28, 28))
+    outs = [jax.jit(epoch, compiler_options=opts)(state0, small.x_train, small.y_train,
+                                                 jax.random.key(1))
+            for opts in ({}, compiler_options())]
+    jax.tree.map(np.testing.assert_array_equal, outs[0], outs[1])
 
 
 @pytest.mark.parametrize("num_train,batch_size", [(103, 10), (64, 8), (5, 5), (7, 1), (9, 4)])
