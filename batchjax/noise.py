@@ -584,6 +584,27 @@ def _full_batch_grad(params, x_N, y_N, loss_fn) -> Params:
     return jax.tree.unflatten(jax.tree.structure(params), [g / n for g in total])
 
 
+def _random_subset(key: jax.Array, n: int, size: int) -> jax.Array:
+    """`size` distinct indices in [0, n), every subset equally likely (order not uniform).
+
+    Floyd's algorithm (Bentley & Floyd, CACM 30(9), 1987): for j = n - size, ..., n - 1 draw
+    t uniform in [0, j] and take t, or j if t is already taken. `size` draws and O(size^2)
+    comparisons instead of N random numbers: 200 minibatches of 8 from 60,000 examples in
+    a few ms rather than the 50 ms of taking the top B of N uniforms. t is 32 random bits mod
+    (j + 1): bias below N / 2^32.
+    """
+    bits_S = jax.random.bits(key, (size,), jnp.uint32)
+    slots_S = jnp.arange(size, dtype=jnp.int32)
+
+    def draw(i, chosen_S):
+        j = n - size + i
+        t = (bits_S[i] % jnp.uint32(j + 1)).astype(jnp.int32)
+        taken = jnp.any((chosen_S == t) & (slots_S < i))
+        return chosen_S.at[i].set(jnp.where(taken, j, t))
+
+    return jax.lax.fori_loop(0, size, draw, jnp.zeros(size, jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size", "num_batches", "replace"))
 def _minibatch_sq_norms(params, x_N, y_N, mean_grad, key, *, loss_fn, batch_size, num_batches,
                         replace):
@@ -596,10 +617,7 @@ def _minibatch_sq_norms(params, x_N, y_N, mean_grad, key, *, loss_fn, batch_size
             # `jax.random.randint`.
             idx_B = (jax.random.bits(k, (batch_size,), jnp.uint32) % n).astype(jnp.int32)
         else:
-            # The B largest of N uniforms: a uniform random subset, 25x faster than
-            # `jax.random.choice(replace=False)` (a full permutation). Ties among the 2^23
-            # float32 values could bias it only if one fell at the B-th place (p < N / 2^23).
-            idx_B = jax.lax.top_k(jax.random.uniform(k, (n,)), batch_size)[1]
+            idx_B = _random_subset(k, n, batch_size)
         g_B = jax.grad(lambda p: jnp.mean(loss_fn(p, x_N[idx_B], y_N[idx_B])))(params)
         return sum(jnp.sum(jnp.square(g - m))
                    for g, m in zip(jax.tree.leaves(g_B), jax.tree.leaves(mean_grad)))

@@ -409,3 +409,26 @@ def test_group_measure_keyed_by_seed_equals_single_seed_measures(mnist):
     swapped = noise.make_measure(data, config, batch_sizes=[8], seeds=[7, 3],
                                  empirical_batches=20)([params[7], params[3]], 5, 80)
     assert swapped[1][0]["empirical"] == together[0][0]["empirical"]
+
+
+# 99.9% quantiles of chi-square with C(n, size) - 1 degrees of freedom.
+@pytest.mark.parametrize("n,size,chi2_999", [(6, 3, 43.82), (7, 1, 22.46), (9, 2, 66.62),
+                                             (5, 5, None)])
+def test_random_subsets_are_distinct_and_uniform(n, size, chi2_999):
+    # Floyd's sampler: every one of the C(n, size) subsets equally likely. A chi-square test at
+    # a fixed key, against the 99.9% quantile (a correct sampler fails it with p = 0.001).
+    import collections
+    import itertools
+    draws = 20 * math.comb(n, size) * 100
+    subsets_DxS = np.asarray(jax.jit(jax.vmap(lambda k: noise._random_subset(k, n, size)))(
+        jax.random.split(jax.random.key(n * 10 + size), draws)))
+    assert subsets_DxS.min() >= 0 and subsets_DxS.max() < n
+    assert all(len(set(row)) == size for row in subsets_DxS)
+    counts = collections.Counter(tuple(sorted(row)) for row in subsets_DxS)
+    if chi2_999 is None:  # size == n: the only subset is everything
+        assert list(counts) == [tuple(range(n))]
+        return
+    expected = draws / math.comb(n, size)
+    chi2 = sum((counts[c] - expected) ** 2 / expected
+               for c in itertools.combinations(range(n), size))
+    assert chi2 < chi2_999
