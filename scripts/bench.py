@@ -9,7 +9,8 @@ Rows:
   scan        batchjax's epoch: one jitted `lax.scan` over the steps, plus the validation pass;
               measured in --rounds processes alternating with the peers, the median reported
   loop        the same steps as a Python loop of one jitted step per batch
-  seeds S     S seeds vmapped in one jitted epoch; seconds per seed-epoch
+  seeds S     S seeds vmapped in one jitted epoch; seconds per seed-epoch (median of --rounds
+              processes)
   noise       `gradient_stats` over the 60,000 training examples (fast Dense path and vmap)
   peers       Keras `fit` (TensorFlow and JAX backends) and a PyTorch loop, when their Python
               environments exist (see README: Benchmark)
@@ -241,10 +242,14 @@ def main(argv=None):
         cores = os.cpu_count() or 1
         for s in seed_counts:
             if s > 1:
-                rows[f"seeds{s}/{b}"] = run_worker("scan", b, s, max(2, args.repeats // 2), n)
+                epochs = max(2, args.repeats // 2)
+                rows[f"seeds{s}/{b}"] = median_run(
+                    [run_worker("scan", b, s, epochs, n) for _ in range(args.rounds)],
+                    "per_seed_epoch_s")
                 if cores > 1 and s % cores == 0:
-                    rows[f"seeds{s}x{cores}dev/{b}"] = run_worker(
-                        "scan", b, s, max(2, args.repeats // 2), n, cores)
+                    rows[f"seeds{s}x{cores}dev/{b}"] = median_run(
+                        [run_worker("scan", b, s, epochs, n, cores) for _ in range(args.rounds)],
+                        "per_seed_epoch_s")
     for method in ("dense", "vmap"):
         log(f"noise statistics: {method} ...")
         runs = args.rounds if method == "dense" else 1
