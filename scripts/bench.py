@@ -16,7 +16,7 @@ Rows:
               environments exist (see README: Benchmark)
 
 Usage:
-  python scripts/bench.py                      # everything that is installed, ~12 minutes
+  python scripts/bench.py                      # everything that is installed, ~10 minutes
   python scripts/bench.py --quick              # fewer repeats, no peers
   python scripts/bench.py --json bench.json    # where the table is written as JSON
 """
