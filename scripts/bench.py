@@ -11,7 +11,8 @@ Rows:
   loop        the same steps as a Python loop of one jitted step per batch
   seeds S     S seeds vmapped in one jitted epoch; seconds per seed-epoch (median of --rounds
               processes)
-  noise       `gradient_stats` over the 60,000 training examples (fast Dense path and vmap)
+  noise       `gradient_stats` over the 60,000 training examples (fast Dense path, median of
+              --rounds processes, and vmap)
   peers       Keras `fit` (TensorFlow and JAX backends) and a PyTorch loop, when their Python
               environments exist (see README: Benchmark)
 
@@ -185,8 +186,8 @@ def main(argv=None):
     ap.add_argument("--peer-epochs", type=int, default=3)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="processes measuring batchjax's epoch (and the dense noise path); "
-                         "the median one is reported")
+                    help="processes measuring each batchjax row (epoch, seeds, dense noise "
+                         "path); the median one is reported")
     ap.add_argument("--quick", action="store_true", help="2 repeats, 1 round, no peers")
     ap.add_argument("--json", default="bench.json", help="output JSON path")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
