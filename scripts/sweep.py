@@ -26,6 +26,7 @@ SIGTERM) keeps every finished run and exits with status 130.
 """
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -34,11 +35,12 @@ from batchjax.config import LR_SCALINGS, NOISE_SCHEDULES, OPTIMIZERS, TrainConfi
 from batchjax.data import load_dataset
 from batchjax.errors import BatchjaxError
 from batchjax.plots import make_figures
-from batchjax.report import write_report
+from batchjax.report import critical_analysis, write_report
 from batchjax.sharpness import SharpnessSettings
-from batchjax.sweep import check_grid, run_sweep
+from batchjax.sweep import check_grid, compile_cache_dir, enable_compile_cache, run_sweep
 
 DEFAULTS = TrainConfig()
+FIGURE_WORKERS = min(4, os.cpu_count() or 1)  # processes drawing figures at once
 # Flags a preset may change, with their values without a preset.
 BASE = {"batch_sizes": [8, 32, 128], "epochs": DEFAULTS.epochs, "seeds": 3}
 PRESETS = {
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-devices", type=int, default=0,
                    help="split the CPU into this many JAX devices so seeds train on separate "
                         "cores (e.g. --seeds 4 --cpu-devices 2); 0: JAX's default of one")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled programs in DIR for later runs; none: off (default: "
+                        "$BATCHJAX_COMPILE_CACHE, else ~/.cache/batchjax/xla)")
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -167,6 +172,12 @@ def main(argv=None) -> int:
         if args.seeds < 1:
             raise BatchjaxError(f"--seeds must be at least 1, got {args.seeds}")
         check_targets(args.target_loss, args.target_accuracy)
+        try:
+            enable_compile_cache(compile_cache_dir(args.compile_cache))
+        except BatchjaxError as err:
+            if args.compile_cache is not None:
+                raise
+            print(f"note: {err}; compiling without it", file=sys.stderr)
         batch_sizes, seeds = check_grid(config, args.batch_sizes, range(args.seeds))
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
                                verbose=not args.quiet)
@@ -185,11 +196,12 @@ def main(argv=None) -> int:
         if processes.get("process_index", 0) != 0:
             return 0  # process 0 draws the figures and writes the report
         targets = {"target_loss": args.target_loss, "target_accuracy": args.target_accuracy}
+        analysis = critical_analysis(results, **targets)
         figures, notes = ([], []) if args.no_figures else make_figures(
-            results, args.figures_dir, **targets)
+            results, args.figures_dir, analysis=analysis, workers=FIGURE_WORKERS, **targets)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        print(write_report(results, figures=figures, notes=notes, **targets))
+        print(write_report(results, figures=figures, notes=notes, analysis=analysis, **targets))
         if not args.quiet:
             print(f"sweep: {train_time:.1f} s; results in {args.out}/ (report.md, summary.csv, "
                   f"summary.tex)" + ("" if args.no_figures else
