@@ -1240,7 +1240,8 @@ def _provenance_lines(results: SweepResults) -> list[str]:
 
 def build_report(results: SweepResults, *, target_accuracy: float | None = None,
                  target_loss: float | None = None,
-                 figures: Sequence[str | os.PathLike] = (), notes: Sequence[str] = ()) -> str:
+                 figures: Sequence[str | os.PathLike] = (), notes: Sequence[str] = (),
+                 analysis: CriticalAnalysis | None = None) -> str:
     """The report as Markdown: provenance, notes, the summary table, definitions, the claims,
     then sharpness and the critical batch size.
 
@@ -1252,6 +1253,8 @@ def build_report(results: SweepResults, *, target_accuracy: float | None = None,
         `default_target_loss`).
       figures: figure files to list.
       notes: notes to print at the top.
+      analysis: `critical_analysis(results, target_loss=..., target_accuracy=...)` when the
+        caller has it already (it is computed otherwise).
     """
     target = target_accuracy if target_accuracy is not None else default_target_accuracy(results)
     summary = summarize(results, target)
@@ -1306,8 +1309,10 @@ def build_report(results: SweepResults, *, target_accuracy: float | None = None,
     lines += [f"| {c.number} | {c.statement} | **{c.verdict}** |" for c in claims] + [""]
     lines += [c.markdown() for c in claims]
     lines += sharpness_section(results, summary)
-    lines += critical_section(results, critical_analysis(
-        results, target_loss=target_loss, target_accuracy=target_accuracy))
+    if analysis is None:
+        analysis = critical_analysis(results, target_loss=target_loss,
+                                     target_accuracy=target_accuracy)
+    lines += critical_section(results, analysis)
     if figures:
         lines += ["## Figures", ""] + [f"- `{f}`" for f in figures] + [""]
     return "\n".join(lines)
@@ -1316,24 +1321,27 @@ def build_report(results: SweepResults, *, target_accuracy: float | None = None,
 def write_report(results: SweepResults, out_dir: str | os.PathLike | None = None, *,
                  target_accuracy: float | None = None, target_loss: float | None = None,
                  figures: Sequence[str | os.PathLike] = (),
-                 notes: Sequence[str] = ()) -> str:
+                 notes: Sequence[str] = (), analysis: CriticalAnalysis | None = None) -> str:
     """Write `report.md`, `summary.csv`, `summary.tex` and `critical.json` (targets, steps to
     them, fits and B_simple; `critical_record`) into `out_dir` (default: the sweep's).
+
+    `analysis`: as in `build_report`.
 
     Returns:
       The Markdown report.
     """
     out_dir = pathlib.Path(out_dir) if out_dir is not None else results.path
+    if analysis is None:
+        analysis = critical_analysis(results, target_loss=target_loss,
+                                     target_accuracy=target_accuracy)
     text = build_report(results, target_accuracy=target_accuracy, target_loss=target_loss,
-                        figures=figures, notes=notes)
+                        figures=figures, notes=notes, analysis=analysis)
     target = target_accuracy if target_accuracy is not None else default_target_accuracy(results)
     summary = summarize(results, target)
     caption = (f"Final metrics per batch size on {results.dataset_label()}, mean $\\pm$ s.d. "
                "over seeds.")
     write_bytes_atomic(out_dir / "summary.csv", summary_csv(summary).encode())
     write_bytes_atomic(out_dir / "summary.tex", summary_latex(summary, caption).encode())
-    analysis = critical_analysis(results, target_loss=target_loss,
-                                 target_accuracy=target_accuracy)
     write_bytes_atomic(out_dir / "critical.json",
                        (json.dumps(to_jsonable(critical_record(analysis)), indent=1,
                                    allow_nan=False) + "\n").encode())

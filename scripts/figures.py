@@ -9,12 +9,15 @@ with status 2.
 """
 
 import argparse
+import os
 import sys
 
 from batchjax.errors import BatchjaxError
 from batchjax.plots import make_figures
-from batchjax.report import write_report
+from batchjax.report import critical_analysis, write_report
 from batchjax.results import load_sweep
+
+FIGURE_WORKERS = min(4, os.cpu_count() or 1)  # processes drawing figures at once
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,11 +52,12 @@ def main(argv=None) -> int:
                                 f"{args.target_loss}")
         results = load_sweep(args.results_dir)
         targets = {"target_loss": args.target_loss, "target_accuracy": args.target_accuracy}
+        analysis = critical_analysis(results, **targets)
         figures, notes = ([], []) if args.no_figures else make_figures(
-            results, args.figures_dir, **targets)
+            results, args.figures_dir, analysis=analysis, workers=FIGURE_WORKERS, **targets)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        text = write_report(results, figures=figures, notes=notes, **targets)
+        text = write_report(results, figures=figures, notes=notes, analysis=analysis, **targets)
         if not args.quiet:
             print(text)
     except BatchjaxError as err:
