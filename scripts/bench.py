@@ -15,10 +15,16 @@ Rows:
               --rounds processes, and vmap)
   peers       Keras `fit` (TensorFlow and JAX backends) and a PyTorch loop, when their Python
               environments exist (see README: Benchmark)
+  sweep       `scripts/sweep.py` with its defaults (B = 8, 32, 128; 10 epochs; 3 seeds; noise
+              at every epoch; sharpness; figures and report) on the same synthetic data, end to
+              end: once with an empty compilation cache, once with the cache it left; against
+              the original Keras recipe training the same 3 x 3 runs (this run's Keras-TF
+              train-only epochs, else the issue's reference epochs)
 
 Usage:
   python scripts/bench.py                      # everything that is installed, ~10 minutes
-  python scripts/bench.py --quick              # fewer repeats, no peers
+  python scripts/bench.py --quick              # fewer repeats, no peers, no sweep
+  python scripts/bench.py --no-sweep           # everything but the ~3-minute sweep rows
   python scripts/bench.py --json bench.json    # where the table is written as JSON
 """
 
@@ -128,6 +134,53 @@ def worker_noise(method, repeats, num_train):
 WORKERS = {"scan": worker_scan, "loop": worker_loop, "noise": worker_noise}
 
 
+# The issue's reference epoch seconds of the original Keras recipe (TensorFlow backend,
+# validation included; medians of 5-6 runs on a 2-vCPU AMD EPYC machine).
+KERAS_TF_REFERENCE = {8: 11.2, 32: 3.16, 128: 1.06}
+
+
+def run_sweep_end_to_end():
+    """The default `scripts/sweep.py` on its 60,000-example synthetic data, twice: with an
+    empty compilation cache, then with the cache the first run left.
+
+    Returns {"cold": row, "warm": row}; a row holds the process's wall seconds and, from the
+    saved results, the seconds of training (each batch size's epochs, all seeds at once),
+    validation, compilation, noise measurements, sharpness, and the rest (start-up, data,
+    saving, figures, report).
+    """
+    import tempfile
+    from batchjax.results import load_sweep
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="batchjax-bench-sweep-") as tmp:
+        tmp = Path(tmp)
+        for label in ("cold", "warm"):
+            out = tmp / label
+            cmd = [sys.executable, str(REPO / "scripts" / "sweep.py"), "--dataset", "synthetic",
+                   "--out", str(out), "--figures-dir", str(out / "figures"), "--quiet",
+                   "--compile-cache", str(tmp / "cache")]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=REPO)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                rows[label] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+                continue
+            runs = load_sweep(out).runs
+            first = {}  # one run per batch size: its clock covers all the seeds trained with it
+            for r in runs:
+                first.setdefault(r.batch_size, r)
+            parts = {
+                "train_s": sum(sum(r.history["train_seconds"]) for r in first.values()),
+                "eval_s": sum(sum(r.history["eval_seconds"]) for r in first.values()),
+                "compile_s": sum(r.compile_seconds for r in first.values()),
+                "noise_s": sum(rec["seconds"] for r in runs for rec in r.noise),
+                "sharpness_s": sum(r.sharpness["seconds"] for r in runs if r.sharpness),
+            }
+            rows[label] = {"wall_s": wall, **parts, "other_s": wall - sum(parts.values()),
+                           "runs": len(runs),
+                           "epochs": sum(len(r.history["epoch"]) for r in runs)}
+    return rows
+
+
 def run_worker(kind, *args, timeout=1800):
     cmd = [sys.executable, __file__, "--worker", kind, *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -188,7 +241,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3,
                     help="processes measuring each batchjax row (epoch, seeds, dense noise "
                          "path); the median one is reported")
-    ap.add_argument("--quick", action="store_true", help="2 repeats, 1 round, no peers")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="skip the default sweep end to end (about 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="2 repeats, 1 round, no peers, no sweep")
     ap.add_argument("--json", default="bench.json", help="output JSON path")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -203,7 +258,7 @@ def main(argv=None):
         return 0
 
     if args.quick:
-        args.repeats, args.rounds, args.no_peers = 2, 1, True
+        args.repeats, args.rounds, args.no_peers, args.no_sweep = 2, 1, True, True
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     seed_counts = [int(s) for s in args.seeds.split(",")]
     n = args.num_train
@@ -256,6 +311,10 @@ def main(argv=None):
         runs = args.rounds if method == "dense" else 1
         rows[f"noise/{method}"] = median_run(
             [run_worker("noise", method, args.repeats, n) for _ in range(runs)], "seconds")
+    if not args.no_sweep:
+        log("the default sweep, end to end: empty, then warm compilation cache ...")
+        for label, row in run_sweep_end_to_end().items():
+            rows[f"sweep/{label}"] = row
 
     import jax
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -314,10 +373,38 @@ def render(rows, batch_sizes, seed_counts, meta):
         r = rows.get(f"noise/{method}", {})
         lines.append(f"| {method} | {fmt(r.get('seconds'))} | {fmt(r.get('examples_per_s'), 0)} | "
                      f"{fmt(r.get('peak_mib'), 0)} |")
+    lines += render_sweep(rows)
     errors = [f"- {k}: {v['error']}" for k, v in rows.items() if "error" in v]
     if errors:
         lines += ["", "Failed measurements:", *errors]
     return "\n".join(lines)
+
+
+def render_sweep(rows):
+    """The sweep rows as a table, with the Keras recipe's time for the same 3 x 3 runs."""
+    if not any(k.startswith("sweep/") for k in rows):
+        return []
+    keras = [rows.get(f"keras_tensorflow/{b}", {}).get("train_s") for b in KERAS_TF_REFERENCE]
+    if all(keras):
+        recipe, source = 30 * sum(keras), "this run's Keras-TF train-only epochs"
+    else:
+        recipe = 30 * sum(KERAS_TF_REFERENCE.values())
+        source = "the issue's reference Keras-TF epochs, validation included"
+    lines = ["", "## The default sweep end to end (scripts/sweep.py: B = 8, 32, 128; 10 epochs; "
+             "3 seeds; noise at every epoch; 60,000 synthetic examples)", "",
+             "| compilation cache | wall s | training | validation | compile | noise | sharpness "
+             "| other (start-up, figures, report) | vs Keras recipe |", "|---|---|---|---|---|---|---|---|---|"]
+    for label in ("cold", "warm"):
+        r = rows.get(f"sweep/{label}", {})
+        if "wall_s" not in r:
+            continue
+        parts = [fmt(r.get(k), 1) for k in ("wall_s", "train_s", "eval_s", "compile_s",
+                                            "noise_s", "sharpness_s", "other_s")]
+        name = "empty" if label == "cold" else "warm (second run)"
+        lines.append(f"| {name} | " + " | ".join(parts) + f" | {recipe / r['wall_s']:.1f}x |")
+    lines += ["", f"Keras recipe: the same 3 batch sizes x 3 seeds x 10 epochs, {recipe:.0f} s "
+              f"({source})."]
+    return lines
 
 
 if __name__ == "__main__":
