@@ -767,18 +767,19 @@ def _render_all(jobs, figures_dir, results: SweepResults, workers: int) -> list[
             initializer=_init_worker, initargs=(results,))
     except (OSError, ValueError):
         return [_render(job, figures_dir, results) for job in jobs]
-    with pool:
-        futures = [pool.submit(_render, job, figures_dir) for job in jobs]
-        for i in reversed(range(len(jobs))):
-            if futures[i].cancel():
-                done[i] = _render(jobs[i], figures_dir, results)
-        for i, future in enumerate(futures):
-            if done[i] is None:
-                try:
-                    done[i] = future.result()
-                except concurrent.futures.process.BrokenProcessPool:
+    try:
+        with pool:
+            futures = [pool.submit(_render, job, figures_dir) for job in jobs]
+            for i in reversed(range(len(jobs))):
+                if futures[i].cancel():
                     done[i] = _render(jobs[i], figures_dir, results)
-    return done
+            for i, future in enumerate(futures):
+                if done[i] is None:
+                    done[i] = future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        pass  # a process died: this one draws what is left
+    return [files if files is not None else _render(job, figures_dir, results)
+            for job, files in zip(jobs, done)]
 
 
 def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,

@@ -46,6 +46,28 @@ def test_make_figures_writes_every_figure_and_marks_diverged_runs(tmp_path):
     assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
 
 
+def test_figures_drawn_in_several_processes_are_those_drawn_in_one(tmp_path):
+    results = fake_sweep(batch_sizes=(8, 16, 32, 128), seeds=(0, 1), diverged=[(8, 1, 2)])
+    one, _ = plots.make_figures(results, tmp_path / "one")
+    three, _ = plots.make_figures(results, tmp_path / "three", workers=3)
+    assert [p.name for p in three] == [p.name for p in one]  # same files, same order
+    for a, b in zip(one, three):
+        if a.suffix == ".png":  # PDFs carry their creation time
+            assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_figures_are_drawn_here_when_no_process_can_start(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    def refuse(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", refuse)
+    results = fake_sweep(batch_sizes=(8, 32), seeds=(0,))
+    paths, _ = plots.make_figures(results, tmp_path, workers=4)
+    assert paths and all(p.exists() for p in paths)
+
+
 def test_missing_noise_and_sharpness_skip_figures_4_5_and_7_with_notes(tmp_path):
     paths, notes = plots.make_figures(fake_sweep(batch_sizes=(8, 32), seeds=(0,), noise=False,
                                                  sharpness_exponent=None), tmp_path)
