@@ -90,9 +90,8 @@ def enable_compile_cache(path: str | os.PathLike | None) -> str | None:
     """Keep this process's compiled XLA programs in JAX's persistent cache at `path`.
 
     A later process that compiles the same program (same code, shapes, options, jax and
-    jaxlib) loads it instead: on 2 CPU cores the default sweep spends about 10 s compiling,
-    and a second run of it 1-2 s. Loaded and freshly compiled programs compute the same
-    numbers. Every program is cached, however quickly it compiled (unless
+    jaxlib) loads it instead: on 2 CPU cores a second default sweep on 60,000 examples takes
+    83 instead of 95 s. Loaded and freshly compiled programs compute the same numbers. Every program is cached, however quickly it compiled (unless
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise). Call before the first
     compilation; `path` None turns the cache off for this process. Returns the directory.
 
