@@ -16,10 +16,12 @@ batch size experiment: batch sizes 8, 16, ..., 1024 (powers of two), 20 epochs, 
 epochs give B = 1024 (4 steps per epoch on mnist-5k) 80 steps, which bring every batch size
 below a training loss of about 0.23, the default target; the fitted B_crit hardly moves with the
 budget (73-86 for 15 to 30 epochs on mnist-5k), while each further epoch costs mostly the
-gradient-noise measurements at large batch sizes. On 2 CPU cores the preset takes about 4.5
-minutes on mnist-5k (measured: 242 s of training with noise at every epoch end and sharpness at
-the end, then about 20 s of figures and report).
+gradient-noise measurements at large batch sizes. On 2 CPU cores the preset takes about 2.5
+minutes on mnist-5k (measured with nothing compiled yet: 136 s of training with noise at every
+epoch end and sharpness at the end, then 13 s of figures and report).
 `--target-loss` and `--target-accuracy` override the report's automatically chosen targets.
+Compiled programs are kept for later runs in ~/.cache/batchjax/xla (`--compile-cache DIR`, or
+`none`; `batchjax.sweep.enable_compile_cache`), and figures are drawn in up to 4 processes.
 
 Bad input prints one line `error: ...` and exits with status 2; an interrupted sweep (Ctrl-C,
 SIGTERM) keeps every finished run and exits with status 130.
