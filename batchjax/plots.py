@@ -32,7 +32,7 @@ import math
 import textwrap
 import os
 import pathlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -741,11 +741,11 @@ def _init_worker(results: SweepResults) -> None:
     _WORKER_RESULTS = results
 
 
-def _render(job: tuple[str, str, tuple], figures_dir, results: SweepResults | None = None
+def _render(job: tuple[str, Callable, tuple], figures_dir, results: SweepResults | None = None
             ) -> list[pathlib.Path]:
-    """Draw and save one figure: `job` is (file name, figure function name, its arguments)."""
-    name, function, args = job
-    fig = globals()[function](results if results is not None else _WORKER_RESULTS, *args)
+    """Draw and save one figure: `job` is (file name, figure function, its other arguments)."""
+    name, figure, args = job
+    fig = figure(results if results is not None else _WORKER_RESULTS, *args)
     return [] if fig is None else save_figure(fig, figures_dir, name)
 
 
@@ -804,17 +804,17 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
       The written files and notes on figures that were skipped (e.g. no noise records).
     """
     notes = []
-    jobs = [(f"bs{b}_curves", "figure_curves", (b,)) for b in results.batch_sizes]
-    jobs += [("step_loss", "figure_step_loss", ()), ("validation", "figure_validation", ())]
+    jobs = [(f"bs{b}_curves", figure_curves, (b,)) for b in results.batch_sizes]
+    jobs += [("step_loss", figure_step_loss, ()), ("validation", figure_validation, ())]
     if results.has_noise:
-        jobs += [("gradient_variance", "figure_gradient_variance", ()),
-                 ("noise_over_training", "figure_noise_over_training", ())]
+        jobs += [("gradient_variance", figure_gradient_variance, ()),
+                 ("noise_over_training", figure_noise_over_training, ())]
     else:
         notes.append("no gradient-noise records in these results (noise schedule 'none'): "
                      "figures 4 (gradient_variance) and 5 (noise_over_training) skipped")
-    jobs.append(("roughness_gap", "figure_roughness_gap", ()))
+    jobs.append(("roughness_gap", figure_roughness_gap, ()))
     if results.has_sharpness:
-        jobs.append(("sharpness_gap", "figure_sharpness_gap", ()))
+        jobs.append(("sharpness_gap", figure_sharpness_gap, ()))
     else:
         notes.append("no sharpness measurements in these results (--no-sharpness): figure 7 "
                      "(sharpness_gap) skipped")
@@ -822,7 +822,7 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
         analysis = report.critical_analysis(results, target_loss=target_loss,
                                             target_accuracy=target_accuracy)
     if any(t.fit is not None for t in (analysis.primary, analysis.secondary)):
-        jobs.append(("critical_batch", "figure_critical_batch", (analysis,)))
+        jobs.append(("critical_batch", figure_critical_batch, (analysis,)))
     else:
         notes.append(f"figure 8 (critical_batch) skipped: {analysis.primary.note}")
     paths = [p for files in _render_all(jobs, figures_dir, results, workers) for p in files]
