@@ -91,7 +91,8 @@ def enable_compile_cache(path: str | os.PathLike | None) -> str | None:
 
     A later process that compiles the same program (same code, shapes, options, jax and
     jaxlib) loads it instead: on 2 CPU cores a second default sweep on 60,000 examples takes
-    83 instead of 95 s. Loaded and freshly compiled programs compute the same numbers. Every program is cached, however quickly it compiled (unless
+    83 instead of 95 s. Loaded and freshly compiled programs compute the same numbers. Every
+    program is cached, however quickly it compiled (unless
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise). Call before the first
     compilation; `path` None turns the cache off for this process. Returns the directory.
 
@@ -107,8 +108,8 @@ def enable_compile_cache(path: str | os.PathLike | None) -> str | None:
         if not os.access(path, os.W_OK):
             raise PermissionError("not writable")
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise BatchjaxError(f"compile cache {path} is not a writable directory ({reason})") from None
+        raise BatchjaxError(f"compile cache {path} is not a writable directory "
+                            f"({err.strerror or err})") from None
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's choice wins

@@ -445,7 +445,7 @@ def test_compile_cache_directory_from_flag_environment_or_default(monkeypatch, t
     assert compile_cache_dir() == str(tmp_path / "home" / ".cache" / "batchjax" / "xla")
 
 
-def test_cli_unusable_compile_cache(tmp_path, capsys):
+def test_cli_unusable_compile_cache(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     argv = ["--dataset", "mnist-5k", "--batch-sizes", "128", "--epochs", "1", "--seeds", "1",
             "--quiet", "--out", str(tmp_path / "out")]
@@ -455,6 +455,13 @@ def test_cli_unusable_compile_cache(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a writable directory" in err
     assert not (tmp_path / "out").exists()
+    # The default (here from the environment): one note, and the sweep runs without a cache.
+    monkeypatch.setenv("BATCHJAX_COMPILE_CACHE", str(tmp_path / "file" / "cache"))
+    assert sweep.main(argv + ["--noise-every", "none", "--no-sharpness", "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: compile cache") and \
+        err.rstrip().endswith("compiling without it")
+    assert load_sweep(tmp_path / "out").manifest["sessions"][0]["compile_cache"] is None
 
 
 def test_a_warm_compile_cache_gives_the_numbers_of_a_fresh_compile(tmp_path):
