@@ -18,11 +18,11 @@ Rows:
   sweep       `scripts/sweep.py` with its defaults (B = 8, 32, 128; 10 epochs; 3 seeds; noise
               at every epoch; sharpness; figures and report) on the same synthetic data, end to
               end: once with an empty compilation cache, once with the cache it left; against
-              the original Keras recipe training the same 3 x 3 runs (this run's Keras-TF
-              train-only epochs, else the issue's reference epochs)
+              the original Keras recipe training the same 3 x 3 runs, at the issue's reference
+              Keras-TF epochs and at this run's Keras-TF train-only epochs when measured
 
 Usage:
-  python scripts/bench.py                      # everything that is installed, ~10 minutes
+  python scripts/bench.py                      # everything that is installed, ~20 minutes
   python scripts/bench.py --quick              # fewer repeats, no peers, no sweep
   python scripts/bench.py --no-sweep           # everything but the ~3-minute sweep rows
   python scripts/bench.py --json bench.json    # where the table is written as JSON
@@ -146,7 +146,7 @@ def run_sweep_end_to_end():
     Returns {"cold": row, "warm": row}; a row holds the process's wall seconds and, from the
     saved results, the seconds of training (each batch size's epochs, all seeds at once),
     validation, compilation, noise measurements, sharpness, and the rest (start-up, data,
-    saving, figures, report).
+    final train-set evaluation, saving, figures, report).
     """
     import tempfile
     from batchjax.results import load_sweep
@@ -390,7 +390,8 @@ def render_sweep(rows):
     lines = ["", "## The default sweep end to end (scripts/sweep.py: B = 8, 32, 128; 10 epochs; "
              "3 seeds; noise at every epoch; 60,000 synthetic examples)", "",
              "| compilation cache | wall s | training | validation | compile | noise | sharpness "
-             "| other (start-up, figures, report) | vs Keras recipe, reference | vs Keras recipe, "
+             "| other (start-up, data, final train-set evaluation, figures, report) "
+             "| vs Keras recipe, reference | vs Keras recipe, "
              "this run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label in ("cold", "warm"):
         r = rows.get(f"sweep/{label}", {})
