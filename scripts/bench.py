@@ -11,8 +11,9 @@ Rows:
   loop        the same steps as a Python loop of one jitted step per batch
   seeds S     S seeds vmapped in one jitted epoch; seconds per seed-epoch (median of --rounds
               processes)
-  noise       `gradient_stats` over the 60,000 training examples (fast Dense path, median of
-              --rounds processes, and vmap)
+  noise       `gradient_stats` over the 60,000 training examples: the fast Dense path with the
+              per-parameter variances and with the traces alone (the sweep's measurement),
+              each the median of --rounds processes, and the vmap path
   peers       Keras `fit` (TensorFlow and JAX backends) and a PyTorch loop, when their Python
               environments exist (see README: Benchmark)
   sweep       `scripts/sweep.py` with its defaults (B = 8, 32, 128; 10 epochs; 3 seeds; noise
@@ -110,7 +111,7 @@ def worker_loop(batch_size, seeds, repeats, num_train):
             "first_epoch_s": times[0], "epochs_timed": repeats, "_t": t_compile}
 
 
-def worker_noise(method, repeats, num_train):
+def worker_noise(method, repeats, num_train, elementwise=1):
     import jax
     import numpy as np
     from batchjax.model import MLP, init_params
@@ -119,12 +120,12 @@ def worker_noise(method, repeats, num_train):
     params = init_params(MLP(), jax.random.key(0), (28, 28))
     x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
     t0 = time.perf_counter()
-    gradient_stats(params, x, y, method=method)
+    gradient_stats(params, x, y, method=method, elementwise=bool(elementwise))
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        stats = gradient_stats(params, x, y, method=method)
+        stats = gradient_stats(params, x, y, method=method, elementwise=bool(elementwise))
         times.append(time.perf_counter() - t0)
     s = statistics.median(times)
     return {"seconds": s, "examples_per_s": num_train / s, "first_call_s": first,
@@ -132,6 +133,11 @@ def worker_noise(method, repeats, num_train):
 
 
 WORKERS = {"scan": worker_scan, "loop": worker_loop, "noise": worker_noise}
+# (row name, method, elementwise) of the gradient-statistics rows.
+NOISE_ROWS = (("dense", "dense", 1), ("dense-traces", "dense", 0), ("vmap", "vmap", 1))
+NOISE_LABELS = {"dense": "dense, with per-parameter variances",
+                "dense-traces": "dense, traces only (the sweep's)",
+                "vmap": "vmap, with per-parameter variances"}
 
 
 # The reference epoch seconds of the original Keras recipe (TensorFlow backend,
@@ -306,11 +312,12 @@ def main(argv=None):
                     rows[f"seeds{s}x{cores}dev/{b}"] = median_run(
                         [run_worker("scan", b, s, epochs, n, cores) for _ in range(args.rounds)],
                         "per_seed_epoch_s")
-    for method in ("dense", "vmap"):
-        log(f"noise statistics: {method} ...")
+    for name, method, elementwise in NOISE_ROWS:
+        log(f"noise statistics: {name} ...")
         runs = args.rounds if method == "dense" else 1
-        rows[f"noise/{method}"] = median_run(
-            [run_worker("noise", method, args.repeats, n) for _ in range(runs)], "seconds")
+        rows[f"noise/{name}"] = median_run(
+            [run_worker("noise", method, args.repeats, n, elementwise) for _ in range(runs)],
+            "seconds")
     if not args.no_sweep:
         log("the default sweep, end to end: empty, then warm compilation cache ...")
         for label, row in run_sweep_end_to_end().items():
@@ -367,12 +374,17 @@ def render(rows, batch_sizes, seed_counts, meta):
         best = min((v for v in vals[1:] if v), default=None)
         speedup = f"{vals[0] / best:.2f}x" if vals[0] and best else "-"
         lines.append(f"| {b} | " + " | ".join(fmt(v) for v in vals) + f" | {speedup} |")
+    epoch = get(f"scan/{max(batch_sizes)}")
     lines += ["", "## Gradient statistics over all training examples", "",
-              "| path | seconds | examples/s | peak MiB |", "|---|---|---|---|"]
-    for method in ("dense", "vmap"):
-        r = rows.get(f"noise/{method}", {})
-        lines.append(f"| {method} | {fmt(r.get('seconds'))} | {fmt(r.get('examples_per_s'), 0)} | "
-                     f"{fmt(r.get('peak_mib'), 0)} |")
+              f"| path | seconds | examples/s | x one B = {max(batch_sizes)} epoch | peak MiB |",
+              "|---|---|---|---|---|"]
+    for name, _, _ in NOISE_ROWS:
+        r = rows.get(f"noise/{name}", {})
+        if not r:
+            continue
+        ratio = f"{r['seconds'] / epoch:.2f}" if r.get("seconds") and epoch else "-"
+        lines.append(f"| {NOISE_LABELS[name]} | {fmt(r.get('seconds'))} | "
+                     f"{fmt(r.get('examples_per_s'), 0)} | {ratio} | {fmt(r.get('peak_mib'), 0)} |")
     lines += render_sweep(rows)
     errors = [f"- {k}: {v['error']}" for k, v in rows.items() if "error" in v]
     if errors:

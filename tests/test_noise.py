@@ -120,8 +120,9 @@ def test_gradients_are_of_the_per_example_loss_not_its_share_of_the_mean(mnist):
 # gradient_stats against references
 
 
+@pytest.mark.parametrize("elementwise", [True, False])
 @pytest.mark.parametrize("method", ["dense", "vmap"])
-def test_stats_equal_float64_numpy_and_do_not_depend_on_the_chunking(mnist, method):
+def test_stats_equal_float64_numpy_and_do_not_depend_on_the_chunking(mnist, method, elementwise):
     n = 101
     x, y = mnist[0][:n], mnist[1][:n]
     params = mlp_params(8)
@@ -129,15 +130,21 @@ def test_stats_equal_float64_numpy_and_do_not_depend_on_the_chunking(mnist, meth
     mean = jax.tree.map(lambda a: a.mean(0), g)
     var = jax.tree.map(lambda a: a.var(0), g)  # divisor N
     for chunk_size in (n, 33, 100, 1000):  # 33 and 100 do not divide 101
-        stats = noise.gradient_stats(params, x, y, method=method, chunk_size=chunk_size)
+        stats = noise.gradient_stats(params, x, y, method=method, chunk_size=chunk_size,
+                                     elementwise=elementwise)
         assert stats.num_examples == n and stats.method == method
         assert_tree_close(stats.mean_grad, mean, rtol=1e-4, atol_frac=1e-5)
-        assert_tree_close(stats.variance, var, rtol=1e-4, atol_frac=1e-5)
+        if elementwise:
+            assert_tree_close(stats.variance, var, rtol=1e-4, atol_frac=1e-5)
+        else:
+            assert stats.variance is stats.mean_gsnr is stats.num_zero_variance is None
         np.testing.assert_allclose(stats.trace_cov, sum(a.sum() for a in leaves(var)), rtol=1e-5)
         np.testing.assert_allclose(stats.grad_sq_norm, sum((a**2).sum() for a in leaves(mean)),
                                    rtol=1e-5)
-        np.testing.assert_allclose(stats.trace_cov_per_layer["hidden/kernel"],
-                                   var["hidden"]["kernel"].sum(), rtol=1e-5)
+        for layer in ("hidden", "output"):
+            for leaf in ("kernel", "bias"):
+                np.testing.assert_allclose(stats.trace_cov_per_layer[f"{layer}/{leaf}"],
+                                           var[layer][leaf].sum(), rtol=1e-5)
 
 
 def test_closed_form_example_i_has_gradient_i():
@@ -176,10 +183,12 @@ def test_closed_form_least_squares():
     np.testing.assert_allclose(stats.variance["w"], g.var(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("elementwise", [True, False])
 @pytest.mark.parametrize("method", ["dense", "vmap"])
-def test_identical_examples_have_zero_variance(mnist, method):
+def test_identical_examples_have_zero_variance(mnist, method, elementwise):
     x, y = np.repeat(mnist[0][5:6], 101, 0), np.repeat(mnist[1][5:6], 101, 0)
-    stats = noise.gradient_stats(mlp_params(8), x, y, method=method, chunk_size=33)
+    stats = noise.gradient_stats(mlp_params(8), x, y, method=method, chunk_size=33,
+                                 elementwise=elementwise)
     # Zero up to the float32 rounding of the chunk means: std below 1e-5 |G|, where the
     # rounding of a naive E|g|^2 - |G|^2 alone allows sqrt(eps) |G| = 3e-4 |G|.
     assert stats.grad_sq_norm > 1
@@ -205,6 +214,12 @@ def test_minibatch_variance_endpoints_and_arguments(mnist):
     assert "mean_grad" not in d and d["trace_cov_per_layer"]["output/bias"] > 0
     full = stats.to_dict(include_arrays=True)
     assert np.shape(full["variance"]["hidden"]["kernel"]) == (784, 8)
+    traces = noise.gradient_stats(mlp_params(8), mnist[0][:n], mnist[1][:n], elementwise=False)
+    d = json.loads(json.dumps(traces.to_dict(include_arrays=True)))
+    assert d["variance"] is d["mean_gsnr"] is None and np.shape(d["mean_grad"]["output"]["bias"]) == (10,)
+    for bad in (0, 1, "no", None):
+        with pytest.raises(BatchjaxError, match="elementwise"):
+            noise.gradient_stats(mlp_params(8), mnist[0][:n], mnist[1][:n], elementwise=bad)
 
 
 @pytest.mark.parametrize("steps", [0, 200])
@@ -227,6 +242,12 @@ def test_dense_path_equals_vmap_path(mnist, steps):
     assert dense.num_zero_variance == vmap.num_zero_variance > 0
     assert dense.mean_gsnr == pytest.approx(vmap.mean_gsnr, rel=1e-4)
     assert dense.mean_loss == pytest.approx(vmap.mean_loss, rel=1e-6)
+    # The traces alone (no [D, H] product of squares) against the vmap path's sums.
+    traces = noise.gradient_stats(params, x, y, chunk_size=128, elementwise=False)
+    assert traces.method == "dense" and traces.trace_cov == pytest.approx(vmap.trace_cov, rel=1e-5)
+    for name, value in vmap.trace_cov_per_layer.items():
+        assert traces.trace_cov_per_layer[name] == pytest.approx(value, rel=1e-5), name
+    assert traces.grad_sq_norm == pytest.approx(vmap.grad_sq_norm, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["dense", "vmap"])
@@ -250,6 +271,11 @@ def test_large_mean_tiny_variance_is_accurate_where_the_naive_formula_fails(mnis
     # deviations (eps |G| / std); nothing beyond that is lost.
     assert stats.trace_cov == pytest.approx(ref_trace, rel=1e-3)
     assert_tree_close(stats.variance, ref_var, rtol=0, atol_frac=2e-3)
+    traces = noise.gradient_stats(params, x, y, method=method, chunk_size=128,
+                                  elementwise=False)
+    assert traces.trace_cov == pytest.approx(ref_trace, rel=1e-3)
+    for name, value in zip(noise._leaf_names(params), leaves(ref_var)):
+        assert traces.trace_cov_per_layer[name] == pytest.approx(value.sum(), rel=2e-3), name
 
     sq_norms = jnp.asarray(noise.per_example_sq_norms(params, x, y, method=method))
     mean_f32 = [jnp.mean(a.astype(jnp.float32), axis=0) for a in leaves(g)]
@@ -357,7 +383,7 @@ class _Data:
 
 
 RECORD_KEYS = {"step", "examples_seen", "train_loss", "grad_sq_norm", "trace_cov",
-               "trace_cov_per_layer", "noise_scale", "mean_gsnr", "minibatch_variance", "snr",
+               "trace_cov_per_layer", "noise_scale", "minibatch_variance", "snr",
                "empirical", "probe_size", "seconds"}
 
 
@@ -388,6 +414,13 @@ def test_make_measure_records_every_seed_and_batch_size_without_recompiling(mnis
     assert strip(first) == strip(second)
     assert first[0][0]["empirical"]["mean"] != third[0][0]["empirical"]["mean"]
     assert first[0][0]["trace_cov"] != first[1][0]["trace_cov"]
+    # With the per-parameter variances, the same record plus the mean GSNR of the probe set.
+    full = noise.make_measure(data, config, batch_sizes=[8, 32, 128], empirical_batches=50,
+                              elementwise=True)(params_list, 10, 160)
+    stats = noise.gradient_stats(params_list[0], data.x_train[:500], data.y_train[:500])
+    assert set(full[0][0]) == RECORD_KEYS | {"mean_gsnr"}
+    assert full[0][0]["mean_gsnr"] == pytest.approx(stats.mean_gsnr, rel=1e-6)
+    assert full[0][0]["trace_cov"] == pytest.approx(first[0][0]["trace_cov"], rel=1e-5)
     with pytest.raises(BatchjaxError):
         noise.make_measure(data, TrainConfig.tiny(probe_size=601), batch_sizes=[8])
     with pytest.raises(BatchjaxError):

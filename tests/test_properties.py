@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchjax.model import MLP, init_params
-from batchjax.noise import gradient_stats
+from batchjax.noise import gradient_stats, per_example_grads
 from batchjax.train import cross_entropy
 
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
@@ -53,6 +53,22 @@ def test_variances_are_non_negative_and_minibatch_variance_falls_with_batch_size
 
 
 @SETTINGS
+@given(problems(), st.sampled_from(["dense", "vmap"]))
+def test_traces_alone_equal_the_sums_of_per_example_gradient_variances(problem, method):
+    params, x, y, chunk = problem
+    g = per_example_grads(params, x, y)
+    per_leaf = [np.asarray(a, np.float64).reshape(len(y), -1) for a in jax.tree.leaves(g)]
+    var_sums = [a.var(0).sum() for a in per_leaf]
+    scale = sum(np.square(a).mean(0).sum() for a in per_leaf)  # E|g|^2: rounding's yardstick
+    stats = gradient_stats(params, x, y, chunk_size=chunk, method=method, elementwise=False)
+    assert stats.variance is None and stats.mean_gsnr is None
+    for got, want in zip(stats.trace_cov_per_layer.values(), var_sums):
+        assert got >= 0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
+    np.testing.assert_allclose(stats.trace_cov, sum(var_sums), rtol=1e-4, atol=1e-6 * scale)
+
+
+@SETTINGS
 @given(problems(), st.floats(0.01, 100.0))
 def test_noise_scale_is_invariant_to_scaling_the_loss(problem, scale):
     params, x, y, chunk = problem
@@ -80,8 +96,9 @@ def test_identical_examples_have_no_variance_whatever_the_chunking(n, chunk):
     x = np.repeat(one, n, axis=0)
     y = np.full(n, 2, np.int32)
     params = init_params(MLP(5, 4), jax.random.key(n), (4, 3))
-    for method in ("dense", "vmap"):
-        stats = gradient_stats(params, x, y, chunk_size=chunk, method=method)
+    for method, elementwise in [(m, e) for m in ("dense", "vmap") for e in (True, False)]:
+        stats = gradient_stats(params, x, y, chunk_size=chunk, method=method,
+                               elementwise=elementwise)
         assert stats.trace_cov == 0.0 or stats.trace_cov < 1e-12 * stats.grad_sq_norm
         assert stats.minibatch_variance(1) <= 1e-12 * stats.grad_sq_norm + 1e-30
         assert stats.grad_sq_norm > 0
