@@ -64,7 +64,11 @@ Two ways to get a chunk's (n_c, m_c, M2_c):
     Var_j is O(eps |G_j| / std_j), the rounding of the inputs and deltas themselves (which the
     vmap path shares), instead of O(eps G_j^2 / Var_j). Cost per chunk: the forward pass plus
     two [n, D]^T [n, H] products (three if some input is nearly constant); a training epoch
-    costs the forward pass plus one.
+    costs the forward pass plus one. The traces alone (`elementwise=False`) need only
+    alpha^T delta: summed over the layer, the squares are per-example scalars,
+        sum_j M2_j = sum_i (|alpha_i|^2 |delta_i|^2 + 2 (alpha_i . a~)(delta_i . beta_i)
+                     + |a~|^2 |beta_i|^2) - |alpha^T delta + a~ (sum_i beta_i)^T|^2 / n,
+    the same shift and the same rounding argument, at the cost of an epoch's products.
 """
 
 from __future__ import annotations
