@@ -827,7 +827,8 @@ def two_batch_noise_estimate(params: Params, x: Any, y: Any, key: jax.Array, *,
 def make_measure(dataset, config, *, batch_sizes: Sequence[int], key: jax.Array | None = None,
                  seeds: Sequence[int] | None = None, empirical_batches: int = 200,
                  chunk_size: int | None = None, method: str = "auto",
-                 elementwise: bool = False) -> Callable[[Sequence[Params], int, int], list[list[dict]]]:
+                 elementwise: bool = False
+                 ) -> Callable[[Sequence[Params], int, int], list[list[dict]]]:
     """The `measure` callback of `batchjax.train.train_seeds`: noise records on a probe set.
 
     The probe set is the first `config.probe_size` training examples (0: all). Each call

@@ -797,8 +797,9 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
       workers: processes drawing figures at once (this one included). Each figure is drawn
         and saved by one process; the files are the same. The others are started with
         `multiprocessing`'s "spawn", which imports the caller's main module again: call with
-        workers > 1 only from under `if __name__ == "__main__":`. The scripts use up to 4
-        (on 2 cores the default sweep's 10 figures take 6.6 instead of 9.2 s).
+        workers > 1 only from under `if __name__ == "__main__":`, and keep JAX out of that
+        module's imports (the drawing itself needs none). The scripts use one more than the
+        cores, at most 4 (on 2 cores 10 figures take 5.6-6.2 instead of 9.6 s).
 
     Returns:
       The written files and notes on figures that were skipped (e.g. no noise records).

@@ -17,7 +17,7 @@ from batchjax.plots import make_figures
 from batchjax.report import critical_analysis, write_report
 from batchjax.results import load_sweep
 
-FIGURE_WORKERS = min(4, os.cpu_count() or 1)  # processes drawing figures at once
+FIGURE_WORKERS = min(4, (os.cpu_count() or 1) + 1)  # processes drawing figures, this one too
 
 
 class Parser(argparse.ArgumentParser):

@@ -38,11 +38,9 @@ from batchjax.data import load_dataset
 from batchjax.errors import BatchjaxError
 from batchjax.plots import make_figures
 from batchjax.report import critical_analysis, write_report
-from batchjax.sharpness import SharpnessSettings
-from batchjax.sweep import check_grid, compile_cache_dir, enable_compile_cache, run_sweep
 
 DEFAULTS = TrainConfig()
-FIGURE_WORKERS = min(4, os.cpu_count() or 1)  # processes drawing figures at once
+FIGURE_WORKERS = min(4, (os.cpu_count() or 1) + 1)  # processes drawing figures, this one too
 # Flags a preset may change, with their values without a preset.
 BASE = {"batch_sizes": [8, 32, 128], "epochs": DEFAULTS.epochs, "seeds": 3}
 PRESETS = {
@@ -163,6 +161,10 @@ def _raise_interrupt(signum, frame):
 
 def main(argv=None) -> int:
     args = apply_preset(build_parser().parse_args(argv))
+    # Imported here, not at the top: the figure processes start by importing this script
+    # again, and drawing needs neither JAX nor the training code.
+    from batchjax.sharpness import SharpnessSettings
+    from batchjax.sweep import check_grid, compile_cache_dir, enable_compile_cache, run_sweep
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         config = TrainConfig(

@@ -216,7 +216,8 @@ def test_minibatch_variance_endpoints_and_arguments(mnist):
     assert np.shape(full["variance"]["hidden"]["kernel"]) == (784, 8)
     traces = noise.gradient_stats(mlp_params(8), mnist[0][:n], mnist[1][:n], elementwise=False)
     d = json.loads(json.dumps(traces.to_dict(include_arrays=True)))
-    assert d["variance"] is d["mean_gsnr"] is None and np.shape(d["mean_grad"]["output"]["bias"]) == (10,)
+    assert d["variance"] is d["mean_gsnr"] is None
+    assert np.shape(d["mean_grad"]["output"]["bias"]) == (10,)
     for bad in (0, 1, "no", None):
         with pytest.raises(BatchjaxError, match="elementwise"):
             noise.gradient_stats(mlp_params(8), mnist[0][:n], mnist[1][:n], elementwise=bad)

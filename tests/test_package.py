@@ -1,0 +1,65 @@
+"""The package's public names, and which imports pull in JAX (each case in a fresh interpreter)."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The names other code relies on, with the module that defines each.
+PUBLIC = {"load_dataset": "batchjax.data", "MLP": "batchjax.model",
+          "TrainConfig": "batchjax.config", "train": "batchjax.train",
+          "per_example_grads": "batchjax.noise", "gradient_stats": "batchjax.noise",
+          "empirical_minibatch_variance": "batchjax.noise", "sharpness": "batchjax.sharpness",
+          "train_seeds": "batchjax.train", "BatchjaxError": "batchjax.errors"}
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("first", ["import batchjax", "import batchjax.train, batchjax.sharpness",
+                                   "from batchjax.train import train_seeds"])
+def test_public_names_are_the_functions_and_classes_whatever_is_imported_first(first):
+    # `train` and `sharpness` are also submodule names: importing the submodules first must
+    # not turn `batchjax.train` into a module.
+    proc = run_python(f"""
+        {first}
+        import importlib, batchjax
+        for name, module in {PUBLIC!r}.items():
+            value = getattr(batchjax, name)
+            assert value is getattr(importlib.import_module(module), name), name
+            assert value.__module__ == module and name in batchjax.__all__, name
+        assert callable(batchjax.train) and callable(batchjax.sharpness)
+        from batchjax import gradient_stats, train
+        assert train.__name__ == "train" and gradient_stats.__name__ == "gradient_stats"
+        try:
+            batchjax.no_such_name
+        except AttributeError as err:
+            assert "no_such_name" in str(err)
+        else:
+            raise AssertionError("no AttributeError")
+        print(len(batchjax.__all__))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) >= len(PUBLIC)
+
+
+def test_figures_and_reports_do_not_import_jax():
+    # What a figure process imports: the sweep script (spawned processes import the main
+    # module again), plots, report and results. JAX comes only with training and statistics.
+    proc = run_python("""
+        import importlib.util, sys
+        for name in ("sweep", "figures"):
+            spec = importlib.util.spec_from_file_location(name, f"scripts/{name}.py")
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        import batchjax, batchjax.plots, batchjax.report, batchjax.results
+        assert "jax" not in sys.modules and "flax" not in sys.modules, "imported JAX"
+        batchjax.gradient_stats
+        assert "jax" in sys.modules
+    """)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
