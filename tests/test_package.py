@@ -63,3 +63,14 @@ def test_figures_and_reports_do_not_import_jax():
         assert "jax" in sys.modules
     """)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_the_readme_library_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    proc = run_python(code + textwrap.dedent("""
+        assert abs(traces.trace_cov - stats.trace_cov) < 1e-5 * stats.trace_cov
+        assert traces.variance is None and stats.variance is not None
+        assert len(result.noise) == config.epochs + 1
+    """))
+    assert proc.returncode == 0, proc.stderr[-2000:]
