@@ -483,8 +483,8 @@ class GradientStats:
         return d
 
 
-def _stats_from_moments(moments: _Moments, treedef, names: list[str],
-                        method: str) -> GradientStats:
+def _stats_from_moments(moments: _Moments, treedef, names: list[str], method: str,
+                        elementwise: bool) -> GradientStats:
     n = moments.count
     variances = [np.maximum(m2, 0.0) / n for m2 in moments.m2]  # rounding can dip below 0
     per_layer = {name: float(np.sum(v)) for name, v in zip(names, variances)}
@@ -495,7 +495,7 @@ def _stats_from_moments(moments: _Moments, treedef, names: list[str],
     else:
         noise_scale = float("inf") if trace_cov > 0 else float("nan")
     variance = mean_gsnr = num_zero_variance = None
-    if all(np.shape(v) == np.shape(m) for v, m in zip(variances, moments.mean)):
+    if elementwise:
         mean_sq = np.concatenate([np.square(m).ravel() for m in moments.mean])
         var = np.concatenate([v.ravel() for v in variances])
         positive = var > 0
@@ -554,7 +554,7 @@ def gradient_stats(params: Params, x: Any, y: Any, *, model: MLP | None = None,
         "auto" (dense whenever the params and loss are those of `batchjax.model.MLP`).
       elementwise: also diag(Sigma) (`variance`) and the GSNR. False gives only the traces
         (total and per layer), |G|^2, B_simple and the minibatch variances: on the dense
-        path one [N, D]^T [N, H] product per layer fewer, 1.4x faster on MNIST.
+        path one [N, D]^T [N, H] product per layer fewer, about 1.5x faster on MNIST.
 
     Returns:
       A `GradientStats`.
@@ -577,7 +577,8 @@ def gradient_stats(params: Params, x: Any, y: Any, *, model: MLP | None = None,
     call = functools.partial(_chunk_moments, params, x_N, y_N, kind=method, loss_fn=loss_fn,
                              chunk_size=chunk, elementwise=elementwise)
     moments = _stream(call, n, chunk, _chan_merge)
-    return _stats_from_moments(moments, jax.tree.structure(params), _leaf_names(params), method)
+    return _stats_from_moments(moments, jax.tree.structure(params), _leaf_names(params), method,
+                               elementwise)
 
 
 def per_example_sq_norms(params: Params, x: Any, y: Any, *, model: MLP | None = None,
