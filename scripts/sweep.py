@@ -155,8 +155,20 @@ def distributed_setup(args) -> dict:
             "barrier": multihost_utils.sync_global_devices}
 
 
+# Signals received. The handler's KeyboardInterrupt is lost when it lands inside a callback
+# whose exceptions Python ignores (JAX's garbage-collection hook, a __del__), so the sweep also
+# checks this list after every epoch and before the report.
+_SIGNALS: list[int] = []
+
+
 def _raise_interrupt(signum, frame):
+    _SIGNALS.append(signum)
     raise KeyboardInterrupt
+
+
+def _check_interrupt(*_):
+    if _SIGNALS:
+        raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -165,7 +177,11 @@ def main(argv=None) -> int:
     # again, and drawing needs neither JAX nor the training code.
     from batchjax.sharpness import SharpnessSettings
     from batchjax.sweep import check_grid, compile_cache_dir, enable_compile_cache, run_sweep
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    _SIGNALS.clear()
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)  # not where it is ignored, as for a background job
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in handled}
     try:
         config = TrainConfig(
             epochs=args.epochs, learning_rate=args.lr, lr_scaling=args.lr_scaling,
@@ -195,7 +211,8 @@ def main(argv=None) -> int:
         results = run_sweep(args.out, config, dataset, batch_sizes=batch_sizes, seeds=seeds,
                             resume=args.resume, command=sys.argv, verbose=not args.quiet,
                             sharpness=SharpnessSettings() if args.sharpness else None,
-                            **processes)
+                            on_epoch_end=_check_interrupt, **processes)
+        _check_interrupt()
         train_time = time.perf_counter() - start
         if processes.get("process_index", 0) != 0:
             return 0  # process 0 draws the figures and writes the report
@@ -219,7 +236,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -377,6 +377,35 @@ def test_a_signal_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(
     assert_same_results(load_sweep(out), reference, rtol=1e-6)
 
 
+@pytest.mark.parametrize("last_epoch", [False, True])
+def test_an_interrupt_lost_in_a_callback_still_stops_the_sweep(tmp_path, monkeypatch, capsys,
+                                                                last_epoch):
+    # A signal can land while Python runs a callback whose exceptions it ignores (JAX's
+    # garbage-collection hook, a __del__): the KeyboardInterrupt is printed and dropped. The
+    # sweep must stop at its next check all the same: after the epoch, or before the report.
+    sweep = load_script("sweep")
+    ignored, epochs_after = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: ignored.append(u.exc_type))
+
+    class SignalInCallback:
+        def __del__(self):
+            sweep._raise_interrupt(signal.SIGTERM, None)
+
+    def fake_run_sweep(*args, on_epoch_end, **kwargs):
+        SignalInCallback()  # dropped at once: its __del__ receives the signal
+        if not last_epoch:
+            on_epoch_end(32, 1, [])  # the check after each epoch
+            epochs_after.append(2)
+        return None  # after the last epoch: the check before the report must stop it
+
+    monkeypatch.setattr("batchjax.sweep.run_sweep", fake_run_sweep)
+    status = sweep.main(["--dataset", "mnist-5k", "--batch-sizes", "32", "--epochs", "2",
+                         "--seeds", "1", "--quiet", "--out", str(tmp_path / "out")])
+    assert ignored == [KeyboardInterrupt]  # the handler's own exception was indeed lost
+    assert status == 130 and not epochs_after
+    assert capsys.readouterr().err.splitlines()[-1].startswith("interrupted: finished runs")
+
+
 def power_iteration_top_eigenvalue(params, x, y, model, iters=300):
     """lambda_max by plain power iteration on Hessian-vector products (jvp of grad): a reference
     independent of the Lanczos code. Near a minimum the top eigenvalue is also the largest in
