@@ -732,6 +732,10 @@ def save_figure(fig: Figure, directory: str | os.PathLike, name: str) -> list[pa
     return paths
 
 
+# What the scripts pass as `make_figures(workers=...)`: one process more than the cores (a
+# drawing process spends part of its time starting), at most 4. Measured on 2 cores: 3 beat 4.
+SCRIPT_WORKERS = min(4, (os.cpu_count() or 1) + 1)
+
 # Figures rendered in other processes (`make_figures(workers=...)`) find the sweep here.
 _WORKER_RESULTS: SweepResults | None = None
 
@@ -798,8 +802,8 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
         and saved by one process; the files are the same. The others are started with
         `multiprocessing`'s "spawn", which imports the caller's main module again: call with
         workers > 1 only from under `if __name__ == "__main__":`, and keep JAX out of that
-        module's imports (the drawing itself needs none). The scripts use one more than the
-        cores, at most 4 (on 2 cores 10 figures take 5.6-6.2 instead of 9.6 s).
+        module's imports (the drawing itself needs none). The scripts use `SCRIPT_WORKERS`
+        (on 2 cores 10 figures take 5.6-6.2 instead of 9.6 s).
 
     Returns:
       The written files and notes on figures that were skipped (e.g. no noise records).

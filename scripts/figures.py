@@ -9,15 +9,13 @@ with status 2.
 """
 
 import argparse
-import os
 import sys
 
 from batchjax.errors import BatchjaxError
-from batchjax.plots import make_figures
+from batchjax.plots import SCRIPT_WORKERS, make_figures
 from batchjax.report import critical_analysis, write_report
 from batchjax.results import load_sweep
 
-FIGURE_WORKERS = min(4, (os.cpu_count() or 1) + 1)  # processes drawing figures, this one too
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,7 +52,7 @@ def main(argv=None) -> int:
         targets = {"target_loss": args.target_loss, "target_accuracy": args.target_accuracy}
         analysis = critical_analysis(results, **targets)
         figures, notes = ([], []) if args.no_figures else make_figures(
-            results, args.figures_dir, analysis=analysis, workers=FIGURE_WORKERS, **targets)
+            results, args.figures_dir, analysis=analysis, workers=SCRIPT_WORKERS, **targets)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         text = write_report(results, figures=figures, notes=notes, analysis=analysis, **targets)

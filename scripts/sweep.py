@@ -28,7 +28,6 @@ SIGTERM) keeps every finished run and exits with status 130.
 """
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -36,11 +35,10 @@ import time
 from batchjax.config import LR_SCALINGS, NOISE_SCHEDULES, OPTIMIZERS, TrainConfig
 from batchjax.data import load_dataset
 from batchjax.errors import BatchjaxError
-from batchjax.plots import make_figures
+from batchjax.plots import SCRIPT_WORKERS, make_figures
 from batchjax.report import critical_analysis, write_report
 
 DEFAULTS = TrainConfig()
-FIGURE_WORKERS = min(4, (os.cpu_count() or 1) + 1)  # processes drawing figures, this one too
 # Flags a preset may change, with their values without a preset.
 BASE = {"batch_sizes": [8, 32, 128], "epochs": DEFAULTS.epochs, "seeds": 3}
 PRESETS = {
@@ -219,7 +217,7 @@ def main(argv=None) -> int:
         targets = {"target_loss": args.target_loss, "target_accuracy": args.target_accuracy}
         analysis = critical_analysis(results, **targets)
         figures, notes = ([], []) if args.no_figures else make_figures(
-            results, args.figures_dir, analysis=analysis, workers=FIGURE_WORKERS, **targets)
+            results, args.figures_dir, analysis=analysis, workers=SCRIPT_WORKERS, **targets)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         print(write_report(results, figures=figures, notes=notes, analysis=analysis, **targets))
