@@ -4,41 +4,67 @@ A `Dataset` holds a training split and a validation split as numpy arrays
 (images float32 in [0, 1], labels int32) plus a human-readable `source`, which
 is saved with every result so a figure always says which data it was made on.
 
-Three kinds of data:
+Kinds of data:
   * `"mnist-5k"`: 5,000 real MNIST digits bundled with the package (4,000 train
     / 1,000 validation, 400 / 100 per class), so the library runs real
     experiments with no download and no TensorFlow.
-  * tfds datasets (`"mnist"`, `"fashion_mnist"`, or any tfds image
-    classification dataset with `image` and `label` features), read with
+  * `"mnist"`, real MNIST, from the first of these that exists:
+      1. a tfds-prepared `mnist` in `data_dir` (tfds' default without one);
+      2. Keras' cached `mnist.npz` ($KERAS_HOME/datasets/, else ~/.keras/datasets/);
+      3. the four IDX files (`train-images-idx3-ubyte`, ...; each may be `.gz`)
+         in `data_dir`;
+      4. with `download=True` only: the one file Keras downloads, fetched with
+         the standard library, checked against its pinned SHA-256 and renamed
+         into Keras' cache, which Keras and batchjax then share.
+    Whatever the container, the content is checked against the SHA-256 of the
+    canonical arrays (`batchjax.mnist_files`): a damaged, edited or
+    substituted copy raises `BatchjaxError`, it is never trained on.
+  * `"fashion_mnist"`: tfds-prepared, then the IDX files in Keras' cache
+    ($KERAS_HOME/datasets/fashion-mnist/), then IDX files in `data_dir`, then
+    (with `download=True`) tfds preparation. Shapes and classes are checked;
+    there are no pinned hashes for its content.
+  * other tfds datasets with `image` and `label` features, read with
     `tfds.data_source`, which needs no TensorFlow once the dataset is prepared.
   * `"synthetic"`: uniform random images and labels, for timing only.
 
-Validation split convention for tfds datasets: the test split is never used.
-The LAST `val_size` examples of the `train` split are held out for validation
-and the rest are the training set (default `val_size = min(10000, n // 6)`,
-i.e. MNIST's 60,000 becomes 50,000 train / 10,000 validation).
+Validation split convention: the test split is never used. The LAST
+`val_size` training examples are held out for validation and the rest are the
+training set (default `val_size = min(10000, n // 6)`, i.e. MNIST's 60,000
+becomes 50,000 train / 10,000 validation). tfds stores MNIST's records in its
+own order, so its hold-out holds other digits than that of the Keras or IDX
+files, which keep the original order.
 
-Offline behaviour: nothing is downloaded unless `download=True`. Without it an
-unprepared tfds dataset raises `BatchjaxError` at once with the fix, instead of
-tfds' minutes of retries; with it, the download host is probed with a short
-timeout first. `"auto"` (the default) never touches the network: it uses tfds
-`mnist` when it is prepared locally and the bundled `"mnist-5k"` otherwise, and
-says which on stderr.
+Offline behaviour: nothing is downloaded unless `download=True`. Without it a
+dataset that is not found raises `BatchjaxError` at once, listing where it
+looked and the fixes, instead of tfds' minutes of retries; with it, the
+download host is probed with a short timeout first, and every read of a
+download has a timeout. `"auto"` (the default) never touches the network: it
+takes the first of tfds `mnist`, Keras' cached `mnist.npz` and IDX files in an
+explicitly given `data_dir`, else the bundled `"mnist-5k"`, and says which on
+stderr (and in `source`), with the result of the content check.
 """
 
 import contextlib
 import dataclasses
+import hashlib
+import http.client
 import importlib.resources
 import logging
+import os
+import pathlib
+import secrets
 import socket
 import sys
 import threading
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
 import numpy as np
 
+from batchjax import mnist_files
 from batchjax.errors import BatchjaxError
 
 KNOWN_DATASETS = ("auto", "mnist-5k", "synthetic", "mnist", "fashion_mnist")
@@ -55,6 +81,13 @@ _PREPARE_HINT = (
 _DEFAULT_DOWNLOAD_HOST = "https://storage.googleapis.com/"
 _NETWORK_TIMEOUT_S = 3.0
 _READ_CHUNK = 1000
+# The one file keras.datasets.mnist downloads, and its SHA-256 as pinned in Keras'
+# keras/src/datasets/mnist.py. Tests point these at a local server.
+_KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+_KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+# Seconds to connect and for each read: a stalled transfer fails after this, not hours later.
+_DOWNLOAD_TIMEOUT_S = 30.0
+_DOWNLOAD_CHUNK = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,6 +105,8 @@ class Dataset:
         name: short name, e.g. "mnist-5k".
         num_classes: number of classes.
         source: human-readable provenance, saved with results.
+        verified: how the content was checked, e.g. "content verified: canonical
+            MNIST arrays (SHA-256)"; "" when it was not.
     """
 
     x_train: np.ndarray
@@ -81,12 +116,15 @@ class Dataset:
     name: str
     num_classes: int
     source: str
+    verified: str = ""
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise BatchjaxError(f"Dataset name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.source, str) or not self.source:
             raise BatchjaxError(f"Dataset source must be a non-empty string, got {self.source!r}")
+        if not isinstance(self.verified, str):
+            raise BatchjaxError(f"Dataset verified must be a string, got {self.verified!r}")
         if (
             not isinstance(self.num_classes, (int, np.integer))
             or isinstance(self.num_classes, bool)
@@ -151,8 +189,8 @@ class Dataset:
         )
 
     def describe(self) -> dict[str, Any]:
-        """Returns JSON-able metadata to save next to results."""
-        return {
+        """Returns JSON-able metadata to save next to results ("verified" only when set)."""
+        meta = {
             "name": self.name,
             "source": self.source,
             "num_train": self.num_train,
@@ -160,6 +198,9 @@ class Dataset:
             "image_shape": list(self.image_shape),
             "num_classes": int(self.num_classes),
         }
+        if self.verified:
+            meta["verified"] = self.verified
+        return meta
 
 
 def _check_images(x: Any, field: str) -> None:
@@ -268,26 +309,29 @@ def load_dataset(
     """Loads a dataset by name; never downloads unless `download=True`.
 
     Args:
-        name: "auto" (tfds mnist if prepared in `data_dir`, else "mnist-5k"),
-            "mnist-5k" (bundled), "synthetic", or a tfds image classification
-            dataset with `image` and `label` features ("mnist",
-            "fashion_mnist", ...).
-        data_dir: tfds data directory; None means tfds' default
-            ($TFDS_DATA_DIR or ~/tensorflow_datasets).
-        download: for tfds datasets, download and prepare the dataset (as
-            array_record, which `tfds.data_source` reads) if it is not prepared.
-        val_size: validation examples. For tfds datasets the LAST `val_size`
-            examples of the `train` split are held out (default
-            min(10000, n // 6)); "mnist-5k" has a fixed 1,000-example split;
-            for "synthetic" it is `num_val`.
-        verbose: print the choice made by "auto" and tfds progress on stderr.
+        name: "auto" (real MNIST if found locally, else "mnist-5k"), "mnist"
+            (real MNIST, content verified), "fashion_mnist", "mnist-5k"
+            (bundled), "synthetic", or another tfds image classification
+            dataset with `image` and `label` features ("cifar10", ...).
+        data_dir: tfds data directory, also searched for the four IDX files of
+            "mnist" and "fashion_mnist"; None means tfds' default
+            ($TFDS_DATA_DIR or ~/tensorflow_datasets) and no IDX files.
+        download: "mnist": fetch Keras' mnist.npz into Keras' cache when no
+            local copy is found; other tfds datasets: download and prepare
+            (as array_record, which `tfds.data_source` reads; needs TensorFlow).
+        val_size: validation examples: the LAST `val_size` training examples
+            are held out (default min(10000, n // 6)); "mnist-5k" has a fixed
+            1,000-example split; for "synthetic" it is `num_val`.
+        verbose: print which source was used, and download progress, on stderr.
 
     Returns:
-        The Dataset; its `source` says what was loaded and from where.
+        The Dataset; its `source` says what was loaded, from where, and how its
+        content was checked.
 
     Raises:
-        BatchjaxError: unknown name, dataset not prepared, network unreachable,
-            or a bad `val_size`.
+        BatchjaxError: unknown name, dataset not found or not prepared, a copy
+            whose content differs from the original, network unreachable, or a
+            bad `val_size`.
     """
     if not isinstance(name, str):
         raise BatchjaxError(f"dataset name must be a string, got {name!r}; known: {_known_list()}")
@@ -301,6 +345,10 @@ def load_dataset(
         return make_synthetic() if val_size is None else make_synthetic(num_val=val_size)
     if name == "auto":
         return _load_auto(data_dir=data_dir, val_size=val_size, verbose=verbose)
+    if name in ("mnist", "fashion_mnist"):
+        return _load_mnist_like(
+            name, data_dir=data_dir, download=download, val_size=val_size, verbose=verbose
+        )
     return _load_tfds(
         name, data_dir=data_dir, download=download, val_size=val_size, verbose=verbose
     )
@@ -342,30 +390,238 @@ def _load_bundled(val_size: int | None) -> Dataset:
 
 
 def _load_auto(*, data_dir: str | None, val_size: int | None, verbose: bool) -> Dataset:
-    try:
-        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    except ImportError as err:
-        tfds, reason = None, f"tensorflow_datasets cannot be imported ({_first_line(err)})"
-    if tfds is not None:
-        with _quiet_absl():
-            try:
-                builder = tfds.builder("mnist", data_dir=data_dir)
-                if builder.is_prepared():
-                    reason = _format_problem(builder, tfds)
-                else:
-                    reason = f"tfds mnist is not prepared in {builder.data_dir_root}"
-            except Exception as err:  # e.g. data_dir is a file; auto must still work.
-                reason = f"tfds cannot look for mnist in {data_dir} ({_first_line(err)})"
-    if reason is None:
-        _say(verbose, f"dataset auto -> mnist (tfds mnist is prepared in {builder.data_dir_root})")
+    prepared, tfds_state = _probe_tfds("mnist", data_dir)
+    if prepared:
+        _say(verbose, f"dataset auto -> mnist ({tfds_state})")
         dataset = _load_tfds(
             "mnist", data_dir=data_dir, download=False, val_size=val_size, verbose=verbose
         )
+        return dataclasses.replace(dataset, source=f"auto -> {dataset.source}")
+    looked = [tfds_state]
+    found = _find_files("mnist", data_dir, looked)
+    if found is not None:
+        dataset = _load_files("mnist", found, val_size)
+        _say(verbose, f"dataset auto -> mnist ({tfds_state}; using {found[0]}; "
+                      f"{dataset.verified})")
     else:
+        reason = "; ".join(looked)
         _say(verbose, f"dataset auto -> mnist-5k ({reason}; bundled 5,000 real MNIST digits)")
         dataset = _load_bundled(val_size)
         dataset = dataclasses.replace(dataset, source=f"{dataset.source} [{reason}]")
     return dataclasses.replace(dataset, source=f"auto -> {dataset.source}")
+
+
+def _probe_tfds(name: str, data_dir: str | None) -> tuple[bool, str]:
+    """Whether tfds `name` is prepared and readable in `data_dir`, and a phrase saying so.
+
+    Never touches the network: `tfds.builder(...).is_prepared()` only looks at files.
+    """
+    try:
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    except ImportError as err:
+        return False, f"tensorflow_datasets cannot be imported ({_first_line(err)})"
+    with _quiet_absl():
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+            if not builder.is_prepared():
+                return False, f"tfds {name} is not prepared in {builder.data_dir_root}"
+            problem = _format_problem(builder, tfds)
+        except Exception as err:  # e.g. data_dir is a file; the other sources must still work.
+            return False, f"tfds cannot look for {name} in {data_dir} ({_first_line(err)})"
+    if problem is not None:
+        return False, problem
+    return True, f"tfds {name} is prepared in {builder.data_dir_root}"
+
+
+def _keras_datasets_dir() -> pathlib.Path:
+    """Keras' cache of datasets: $KERAS_HOME/datasets, else ~/.keras/datasets (as Keras)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return pathlib.Path(os.path.expanduser(home)) / "datasets"
+
+
+def _find_files(
+    name: str, data_dir: str | None, looked: list[str]
+) -> tuple[str, dict[str, pathlib.Path]] | None:
+    """The first local copy of `name` in Keras' cache or IDX files in `data_dir`.
+
+    Returns (a phrase naming it, array key -> file), or None after adding to `looked` a
+    phrase for each place that had nothing.
+    """
+    keras_dir = _keras_datasets_dir()
+    if name == "mnist":
+        npz = keras_dir / "mnist.npz"
+        if npz.is_file():
+            return f"Keras' cache {npz}", dict.fromkeys(mnist_files.KEYS, npz)
+        looked.append(f"no Keras cache {npz}")
+    else:
+        fashion_dir = keras_dir / "fashion-mnist"
+        if (paths := mnist_files.find_idx_files(fashion_dir)) is not None:
+            return f"IDX files in Keras' cache {fashion_dir}", paths
+        looked.append(f"no IDX files in Keras' cache {fashion_dir}")
+    if data_dir is None:
+        looked.append("no data_dir with IDX files")
+    elif (paths := mnist_files.find_idx_files(data_dir)) is not None:
+        return f"IDX files in {data_dir}", paths
+    else:
+        looked.append(f"no IDX files in {data_dir}")
+    return None
+
+
+def _load_files(
+    name: str, found: tuple[str, dict[str, pathlib.Path]], val_size: int | None
+) -> Dataset:
+    """Reads and checks what `_find_files` found; splits it like the tfds path."""
+    where, paths = found
+    if all(p.suffix == ".npz" for p in paths.values()):
+        arrays = mnist_files.read_keras_npz(paths["x_train"])
+    else:
+        arrays = mnist_files.read_idx_files(paths)
+    files = {k: str(p) for k, p in paths.items()}
+    if name == "mnist":
+        verified = mnist_files.verify_mnist(arrays, files)
+    else:
+        verified = mnist_files.check_fashion_mnist(arrays, files)
+    x, y = arrays["x_train"], arrays["y_train"]
+    num_records = len(x)
+    if val_size is None:
+        val_size = min(10000, num_records // 6)
+    if not 1 <= val_size < num_records:
+        raise BatchjaxError(
+            f"val_size={val_size} must be between 1 and {num_records - 1:,}: {name} has "
+            f"{num_records:,} training images"
+        )
+    num_train = num_records - val_size
+    return Dataset(
+        x_train=_to_float(x[:num_train]),
+        y_train=y[:num_train].astype(np.int32),
+        x_val=_to_float(x[num_train:]),
+        y_val=y[num_train:].astype(np.int32),
+        name=name,
+        num_classes=mnist_files.NUM_CLASSES,
+        source=(
+            f"{name} from {where}: {num_records:,} training images, last {val_size:,} held out "
+            f"for validation, test images unused; {verified}"
+        ),
+        verified=verified,
+    )
+
+
+def _load_mnist_like(
+    name: str, *, data_dir: str | None, download: bool, val_size: int | None, verbose: bool
+) -> Dataset:
+    """"mnist" or "fashion_mnist" from the first source that has it (module docstring)."""
+    prepared, tfds_state = _probe_tfds(name, data_dir)
+    if prepared:
+        return _load_tfds(
+            name, data_dir=data_dir, download=False, val_size=val_size, verbose=verbose
+        )
+    looked = [tfds_state]
+    found = _find_files(name, data_dir, looked)
+    if found is None and download:
+        if name != "mnist":  # tfds prepares it (with TensorFlow), as for any tfds dataset
+            return _load_tfds(
+                name, data_dir=data_dir, download=True, val_size=val_size, verbose=verbose
+            )
+        npz = _download_keras_mnist(verbose)
+        found = f"Keras' cache {npz} (downloaded now)", dict.fromkeys(mnist_files.KEYS, npz)
+    if found is None:
+        if name == "mnist":
+            fix = (
+                f"fix: download=True (--download) fetches Keras' mnist.npz (11 MB, SHA-256 "
+                f"pinned) into {_keras_datasets_dir()}, or pass data_dir (--data-dir) holding the "
+                "four MNIST IDX files (train-images-idx3-ubyte[.gz], ...), or use 'mnist-5k'"
+            )
+        else:
+            fix = (
+                "put the four IDX files (train-images-idx3-ubyte[.gz], ...) in data_dir "
+                f"(--data-dir), or {_PREPARE_HINT}"
+            )
+        raise BatchjaxError(f"{name} not found: {'; '.join(looked)}; {fix}")
+    dataset = _load_files(name, found, val_size)
+    _say(verbose, f"dataset {name} -> {found[0]}; {dataset.verified}")
+    return dataset
+
+
+def _download_keras_mnist(verbose: bool) -> pathlib.Path:
+    """Downloads Keras' mnist.npz into Keras' cache; returns its path.
+
+    The file is written to a temporary file next to its destination, its SHA-256
+    checked, and only then renamed into place (`os.replace`, atomic), so the
+    cache never holds a partial or wrong file, whatever stops the download.
+    """
+    url, expected = _KERAS_MNIST_URL, _KERAS_MNIST_SHA256
+    directory = _keras_datasets_dir()
+    _check_reachable(
+        url, "Keras' mnist.npz",
+        f"connect to the network, or copy mnist.npz into {directory} or the four IDX files "
+        "into data_dir (--data-dir), or use 'mnist-5k'",
+    )
+    part_path = directory / f".mnist.npz.{os.getpid()}.{secrets.token_hex(4)}.part"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # os.open, not tempfile: the file gets the umask's permissions (tempfile's are 0600),
+        # so the renamed file is readable like one Keras downloads.
+        part = os.fdopen(os.open(part_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+    except OSError as err:
+        raise BatchjaxError(
+            f"cannot write to Keras' cache {directory} ({type(err).__name__}: "
+            f"{_first_line(err)}); set KERAS_HOME to a writable directory"
+        ) from err
+    try:
+        with part:
+            got = _fetch(url, part, verbose)
+            part.flush()
+            os.fsync(part.fileno())
+        if got != expected:
+            raise BatchjaxError(
+                f"the download of {url} has SHA-256 {got}, expected {expected}; it was not "
+                "kept: try again later, or copy a good mnist.npz into "
+                f"{directory}"
+            )
+        os.replace(part_path, directory / "mnist.npz")
+    except BaseException:  # Ctrl-C included: never leave the partial file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(part_path)
+        raise
+    return directory / "mnist.npz"
+
+
+def _fetch(url: str, out: Any, verbose: bool) -> str:
+    """Streams `url` into the open file `out`; returns the SHA-256 of what it wrote."""
+    digest, received, total = hashlib.sha256(), 0, None
+    start = time.perf_counter()
+    shown = -1
+    tty = verbose and sys.stderr.isatty()
+    try:
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            _say(verbose, f"downloading {url}" + (f" ({total / 1e6:.1f} MB)" if total else ""))
+            while chunk := response.read(_DOWNLOAD_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                if tty and total and (percent := 100 * received // total) != shown:
+                    shown = percent
+                    bar = "#" * (percent // 4)
+                    print(f"\rbatchjax: [{bar:<25}] {percent:3d}% of {total / 1e6:.1f} MB",
+                          end="", file=sys.stderr, flush=True)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        raise BatchjaxError(
+            f"downloading {url} failed after {received:,} bytes ({type(err).__name__}: "
+            f"{_first_line(err)}); nothing was kept: check the network and try again, or use "
+            "'mnist-5k'"
+        ) from err
+    finally:
+        if shown >= 0:
+            print(file=sys.stderr, flush=True)
+    if total is not None and received != total:
+        raise BatchjaxError(
+            f"the download of {url} stopped at {received:,} of {total:,} bytes; nothing was "
+            "kept: try again"
+        )
+    _say(verbose, f"downloaded {received / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -452,6 +708,15 @@ def _load_tfds(
     with _quiet_absl():
         images, labels = _read_records(source, name)
 
+    source = (
+        f"tfds {name} {builder.info.version} from {root}: train split, "
+        f"last {val_size:,} held out for validation"
+    )
+    verified = ""
+    if base == "mnist":  # tfds gives the train split only: check its records, in any order
+        verified = mnist_files.verify_mnist_train_records(images, labels, f"tfds {name} in {root}")
+        source = f"{source}; {verified}"
+        _say(verbose, f"tfds {name}: {verified}")
     num_train = num_records - val_size
     return Dataset(
         x_train=_to_float(images[:num_train]),
@@ -460,10 +725,8 @@ def _load_tfds(
         y_val=labels[num_train:],
         name=name,
         num_classes=int(label.num_classes),
-        source=(
-            f"tfds {name} {builder.info.version} from {root}: train split, "
-            f"last {val_size:,} held out for validation"
-        ),
+        source=source,
+        verified=verified,
     )
 
 
@@ -545,7 +808,11 @@ def _prepare(builder: Any, verbose: bool) -> None:
     url = getattr(type(builder), "URL", None)
     if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
         url = _DEFAULT_DOWNLOAD_HOST
-    _check_reachable(url, builder.name)
+    _check_reachable(
+        url, f"tfds {builder.name}",
+        "connect to the network, or prepare the dataset elsewhere and copy it into the tfds "
+        "data_dir, or use 'mnist-5k'",
+    )
     _say(verbose, f"downloading and preparing tfds {builder.name} in {builder.data_dir_root}")
     try:
         builder.download_and_prepare(file_format="array_record")
@@ -559,8 +826,10 @@ def _prepare(builder: Any, verbose: bool) -> None:
         ) from err
 
 
-def _check_reachable(url: str, name: str) -> None:
+def _check_reachable(url: str, what: str, fix: str) -> None:
     """Raises BatchjaxError unless a TCP connection to `url`'s host (or proxy) opens.
+
+    `what` is what would be downloaded and `fix` the advice, both for the message.
 
     Runs in a daemon thread because a DNS lookup ignores socket timeouts and
     can hang on a machine without a resolver.
@@ -587,8 +856,4 @@ def _check_reachable(url: str, name: str) -> None:
     thread.join(timeout + 1.0)
     if not outcome or outcome[0] is not None:
         why = f"{type(outcome[0]).__name__}: {_first_line(outcome[0])}" if outcome else "timed out"
-        raise BatchjaxError(
-            f"cannot reach {host}:{port} to download tfds {name} ({why}); connect to the "
-            "network, or prepare the dataset elsewhere and copy it into the tfds data_dir, "
-            "or use 'mnist-5k'"
-        )
+        raise BatchjaxError(f"cannot reach {host}:{port} to download {what} ({why}); {fix}")

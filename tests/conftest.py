@@ -5,6 +5,9 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("BATCHJAX_COMPILE_CACHE", "none")
+# No test may find or fill a real Keras cache (~/.keras/datasets/mnist.npz, which "auto"
+# would load): a path under this file holds nothing and cannot be written to.
+os.environ["KERAS_HOME"] = os.path.join(__file__, "keras")
 
 import jax  # noqa: E402
 
