@@ -27,7 +27,11 @@ _EXPORTS = {
     "per_example_grads": "noise", "per_example_sq_norms": "noise",
     "two_batch_noise_estimate": "noise",
     "SharpnessResult": "sharpness", "sharpness": "sharpness",
-    "TrainResult": "train", "TrainState": "train", "train": "train", "train_seeds": "train",
+    "Interrupted": "train", "TrainResult": "train", "TrainState": "train", "train": "train",
+    "train_runs": "train", "train_seeds": "train",
+    "Run": "run",
+    "OPTIMIZERS": "config",
+    "analyse": "analysis",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -73,4 +77,8 @@ if TYPE_CHECKING:
                                 gradient_stats, make_measure, per_example_grads,
                                 per_example_sq_norms, two_batch_noise_estimate)
     from batchjax.sharpness import SharpnessResult, sharpness
-    from batchjax.train import TrainResult, TrainState, train, train_seeds
+    from batchjax.analysis import analyse
+    from batchjax.config import OPTIMIZERS
+    from batchjax.run import Run
+    from batchjax.train import (Interrupted, TrainResult, TrainState, train, train_runs,
+                                train_seeds)

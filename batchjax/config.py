@@ -15,7 +15,7 @@ from typing import Any
 from batchjax.errors import BatchjaxError
 
 LR_SCALINGS = ("none", "linear", "sqrt")
-OPTIMIZERS = ("adam_keras", "adam")
+OPTIMIZERS = ("adam_keras", "adam", "sgd", "momentum", "nesterov")
 NOISE_SCHEDULES = ("epoch", "log", "none")
 
 
@@ -46,9 +46,13 @@ class TrainConfig:
         (lr * sqrt(B / B_ref)), relative to `reference_batch_size`.
       reference_batch_size: B_ref of `lr_scaling`.
       optimizer: "adam_keras" (Keras' Adam: epsilon added to sqrt(v) before bias correction,
-        the default) or "adam" (optax.adam: epsilon added after bias correction).
+        the default), "adam" (optax.adam: epsilon added after bias correction), "sgd",
+        "momentum" (heavy ball: v <- momentum v + g, theta <- theta - lr v) or "nesterov"
+        (theta <- theta - lr (g + momentum v), with v updated as for heavy ball).
       b1, b2, eps: Adam's hyperparameters, Keras' defaults (optax's default eps is 1e-8).
-      hidden: width of the hidden layer.
+      momentum: the momentum coefficient of "momentum" and "nesterov".
+      hidden: widths of the hidden layers, e.g. (128,) as in the original or (256, 128); an
+        int means one layer.
       seed: seeds initialisation (`init`) and shuffling (`shuffle`) through separate keys.
       noise_schedule: when gradient-noise statistics are measured: "epoch" (before the first
         step and at every epoch end), "log" (`noise_points` log-spaced steps) or "none".
@@ -66,7 +70,8 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-7
-    hidden: int = 128
+    momentum: float = 0.9
+    hidden: tuple[int, ...] = (128,)
     seed: int = 0
     noise_schedule: str = "epoch"
     noise_points: int = 20
@@ -74,16 +79,27 @@ class TrainConfig:
     unroll: int = 1
 
     def __post_init__(self):
+        hidden = self.hidden
+        if isinstance(hidden, (list, tuple)):
+            hidden = tuple(hidden)
+        elif isinstance(hidden, int) and not isinstance(hidden, bool):
+            hidden = (hidden,)
+        else:
+            raise BatchjaxError(f"hidden must be a width or a tuple of widths, got {hidden!r}")
+        if not hidden:
+            raise BatchjaxError("hidden needs at least one layer width, e.g. (128,)")
+        for width in hidden:
+            _check_int("hidden width", width, 1, " (e.g. hidden=(256, 128), --hidden 256,128)")
+        object.__setattr__(self, "hidden", hidden)
         _check_int("batch_size", self.batch_size, 1, " (use e.g. --batch-sizes 8,32,128)")
         _check_int("epochs", self.epochs, 1)
         _check_positive_float("learning_rate", self.learning_rate)
         _check_int("reference_batch_size", self.reference_batch_size, 1)
-        _check_int("hidden", self.hidden, 1)
         _check_int("seed", self.seed, 0)
         _check_int("noise_points", self.noise_points, 1)
         _check_int("probe_size", self.probe_size, 0, " (0 means the whole training set)")
         _check_int("unroll", self.unroll, 1)
-        for name in ("b1", "b2"):
+        for name in ("b1", "b2", "momentum"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise BatchjaxError(f"{name} must be in [0, 1), got {value!r}")
@@ -106,10 +122,13 @@ class TrainConfig:
     @classmethod
     def tiny(cls, **overrides) -> "TrainConfig":
         """A seconds-long configuration for tests and smoke runs."""
-        return cls(**{"batch_size": 16, "epochs": 2, "hidden": 16, **overrides})
+        return cls(**{"batch_size": 16, "epochs": 2, "hidden": (16,), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready fields (`hidden` as a list)."""
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -1,24 +1,32 @@
-"""The seed model: Flatten -> Dense(hidden, relu) -> Dense(num_classes), as a flax.linen module.
+"""The seed model, Flatten -> Dense(hidden, relu) -> ... -> Dense(num_classes), in flax.linen.
 
 Keras-faithful: glorot-uniform kernels and zero biases (flax's default kernel init is
 lecun-normal). The module returns logits; the softmax of the original lives in the loss
-(`batchjax.train.cross_entropy`), which is what Keras computes for a softmax layer followed by
+(`batchjax.losses.cross_entropy`), which is what Keras computes for a softmax layer followed by
 `sparse_categorical_crossentropy`. Parameters are a plain dict pytree
 `{"hidden": {"kernel", "bias"}, "output": {"kernel", "bias"}}`; on 28x28 inputs there are
-784*128 + 128 + 128*10 + 10 = 101,770 of them.
+784*128 + 128 + 128*10 + 10 = 101,770 of them. Deeper stacks (`MLP(hidden=(256, 128))`) name
+their hidden layers "hidden_0", "hidden_1", ...
 
-Both layers multiply through `dense_dot_general`: the forward product is `lax.dot_general`
+`init_params` initialises any flax model from the image shape; `check_model` says whether a
+model is one training can use (parameters only, deterministic).
+
+All layers multiply through `dense_dot_general`: the forward product is `lax.dot_general`
 itself; only the kernel gradient of a short or narrow product is formed differently (see there).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Sequence
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from batchjax.errors import BatchjaxError
 
 Params = Any
 
@@ -72,15 +80,25 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 
 class MLP(nn.Module):
-    """Flatten -> Dense(hidden) -> relu -> Dense(num_classes) logits.
+    """Flatten -> [Dense(width) -> relu] for each hidden width -> Dense(num_classes) logits.
+
+    Layers are named "hidden" (one hidden layer, as in the original) or "hidden_0",
+    "hidden_1", ... (several), and "output"; `model_from_params` reads the widths back from
+    these names.
 
     Attributes:
-      hidden: width of the hidden layer (128 in the original).
+      hidden: the hidden layers' widths, e.g. (128,) (the original) or (256, 128); an int
+        means one layer. Stored as a tuple, so `MLP(128) == MLP((128,))`.
       num_classes: number of output logits (10 for MNIST).
     """
 
-    hidden: int = 128
+    hidden: int | Sequence[int] = (128,)
     num_classes: int = 10
+
+    def __post_init__(self):
+        hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
+        object.__setattr__(self, "hidden", hidden)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,14 +106,60 @@ class MLP(nn.Module):
             features, kernel_init=nn.initializers.glorot_uniform(),
             bias_init=nn.initializers.zeros, dot_general=dense_dot_general, name=name)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(dense(self.hidden, "hidden")(x))
+        for name, width in zip(hidden_layer_names(len(self.hidden)), self.hidden):
+            x = nn.relu(dense(width, name)(x))
         return dense(self.num_classes, "output")(x)
 
 
-def init_params(model: MLP, key: jax.Array, image_shape: tuple[int, ...]) -> Params:
-    """Initial parameters of `model` for images of `image_shape`, a plain dict pytree."""
+def hidden_layer_names(depth: int) -> list[str]:
+    """The names of an `MLP`'s hidden layers: ["hidden"] for one, "hidden_0", ... for more."""
+    return ["hidden"] if depth == 1 else [f"hidden_{i}" for i in range(depth)]
+
+
+def init_params(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> Params:
+    """Initial parameters of `model` for images of `image_shape`, a plain dict pytree.
+
+    The model is initialised on one all-zero image (`model.init(key, x_1)`); only the
+    "params" collection is kept (`check_model` says whether there is anything else).
+    """
     variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))
     return jax.tree.map(lambda p: p, dict(variables["params"]))
+
+
+@functools.lru_cache(maxsize=64)
+def check_model(model: nn.Module, image_shape: tuple[int, ...]) -> None:
+    """Raise `BatchjaxError` unless `model` is one that training can use as it is.
+
+    Training needs a function of the parameters alone: a flax module whose only variable
+    collection is "params" (no BatchNorm statistics or other state) and that needs no random
+    numbers when applied (no active dropout), mapping a batch [B, *image_shape] to outputs
+    [B, ...]. Checked abstractly (`jax.eval_shape`): nothing is computed.
+    """
+    if not isinstance(model, nn.Module):
+        raise BatchjaxError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+    x_1 = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    try:
+        variables = jax.eval_shape(model.init, jax.random.key(0), x_1)
+    except flax.errors.FlaxError as err:
+        raise BatchjaxError(f"model {type(model).__name__} cannot be initialised on images of "
+                            f"shape {tuple(image_shape)}: {str(err).splitlines()[0]}") from None
+    others = {name: sorted(tree) for name, tree in variables.items() if name != "params"}
+    if others:
+        got = "; ".join(f"{name}: {', '.join(map(str, keys)) or '-'}"
+                        for name, keys in others.items())
+        raise BatchjaxError(f"train needs a model whose only variables are params; got {got} "
+                            "(e.g. BatchNorm statistics): use a model without them")
+    x_2 = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+    try:
+        out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x),
+                             variables.get("params", {}), x_2)
+    except flax.errors.InvalidRngError as err:
+        problem = str(err).split(" (")[0]
+        raise BatchjaxError(f"train needs a deterministic model, but {problem} (dropout): "
+                            "turn it off, e.g. nn.Dropout(deterministic=True)") from None
+    if not hasattr(out, "shape") or out.shape[:1] != (2,):
+        raise BatchjaxError(f"model {type(model).__name__} must map a batch [B, ...] to "
+                            f"outputs [B, ...]; on 2 images it returned {out}")
 
 
 def count_params(params: Params) -> int:
@@ -103,9 +167,15 @@ def count_params(params: Params) -> int:
 
 
 def model_from_params(params: Params) -> MLP:
-    """The `MLP` whose parameters have the shapes of `params` (hidden width, class count)."""
+    """The `MLP` whose parameters have the shapes of `params` (hidden widths, class count)."""
     try:
-        hidden = params["hidden"]["kernel"].shape[1]
+        if "hidden" in params:
+            names = ["hidden"]
+        else:
+            names = hidden_layer_names(sum(1 for k in params if k.startswith("hidden_")))
+            if len(names) < 2 or set(params) != {*names, "output"}:
+                raise KeyError("hidden")
+        hidden = tuple(int(params[name]["kernel"].shape[1]) for name in names)
         num_classes = params["output"]["kernel"].shape[1]
     except (KeyError, TypeError, IndexError, AttributeError) as err:
         raise ValueError("params are not those of batchjax.MLP; pass the model explicitly") from err

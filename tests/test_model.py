@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from batchjax.model import (MLP, SMALL_PRODUCT, count_params, dense_dot_general, init_params,
-                            model_from_params)
+import flax.linen as nn
+
+from batchjax.errors import BatchjaxError
+from batchjax.model import (MLP, SMALL_PRODUCT, check_model, count_params, dense_dot_general,
+                            init_params, model_from_params)
 
 
 def test_parameter_count_and_shapes():
@@ -23,6 +26,69 @@ def test_width_and_classes_are_configurable():
     assert params["hidden"]["kernel"].shape == (192, 32)
     assert params["output"]["kernel"].shape == (32, 7)
     assert model_from_params(params) == MLP(hidden=32, num_classes=7)
+
+
+def test_deeper_stacks_name_their_layers_and_round_trip():
+    model = MLP(hidden=(12, 6), num_classes=4)
+    params = init_params(model, jax.random.key(0), (5, 5))
+    shapes = jax.tree.map(lambda p: p.shape, params)
+    assert shapes == {"hidden_0": {"kernel": (25, 12), "bias": (12,)},
+                      "hidden_1": {"kernel": (12, 6), "bias": (6,)},
+                      "output": {"kernel": (6, 4), "bias": (4,)}}
+    assert count_params(params) == 25 * 12 + 12 + 12 * 6 + 6 + 6 * 4 + 4
+    assert model_from_params(params) == model
+    # One hidden layer keeps the original name, so saved per-layer names stay "hidden/kernel".
+    assert MLP(hidden=[7]) == MLP(7) and MLP(7).hidden == (7,)
+    assert set(init_params(MLP(7), jax.random.key(0), (5, 5))) == {"hidden", "output"}
+    with pytest.raises(ValueError, match="not those of batchjax.MLP"):
+        model_from_params({"hidden_0": params["hidden_0"], "output": params["output"]})
+
+
+def test_deep_forward_matches_numpy():
+    rng = np.random.default_rng(3)
+    model = MLP(hidden=(9, 7, 5), num_classes=3)
+    params = init_params(model, jax.random.key(4), (4, 4))
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.1, p.shape).astype(np.float32), params)
+    x = rng.random((6, 4, 4), dtype=np.float32)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    h = x.reshape(6, -1).astype(np.float64)
+    for name in ("hidden_0", "hidden_1", "hidden_2"):
+        h = np.maximum(h @ p[name]["kernel"] + p[name]["bias"], 0)
+    expected = h @ p["output"]["kernel"] + p["output"]["bias"]
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+class _WithBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8)(x.reshape((x.shape[0], -1)))
+        return nn.Dense(3)(nn.BatchNorm(use_running_average=False)(x))
+
+
+class _WithDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8)(x.reshape((x.shape[0], -1)))
+        return nn.Dense(3)(nn.Dropout(0.5, deterministic=False)(x))
+
+
+class _Pooled(nn.Module):  # averages over the batch: one output for all examples
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(x.reshape((x.shape[0], -1)).mean(axis=0))
+
+
+@pytest.mark.parametrize("model,fragment", [
+    (_WithBatchNorm(), "only variables are params; got batch_stats: BatchNorm_0"),
+    (_WithDropout(), "deterministic model, but Dropout_0 needs PRNG"),
+    (_Pooled(), "must map a batch"),
+])
+def test_models_training_cannot_use_are_one_line_errors(model, fragment):
+    with pytest.raises(BatchjaxError, match=fragment) as err:
+        check_model(model, (4, 4))
+    assert "\n" not in str(err.value)
+    check_model(MLP(hidden=(4, 3)), (4, 4))  # the MLP passes
 
 
 @pytest.mark.parametrize("layer,fan_in,fan_out", [("hidden", 784, 128), ("output", 128, 10)])

@@ -10,24 +10,16 @@ import jax
 import numpy as np
 
 from batchjax import TrainConfig, make_synthetic, train, train_seeds
+from compiles import count_compiles
 
 
 def test_no_recompilation_after_the_first_epoch():
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
     data = make_synthetic(num_train=203, num_val=40, seed=0)
     counts_at_epoch_end = []
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiles:
         # Shapes no other test uses, so the first epoch really compiles.
         train(TrainConfig.tiny(batch_size=19, hidden=13, epochs=4, noise_schedule="none"), data,
               on_epoch_end=lambda epoch, results: counts_at_epoch_end.append(len(compiles)))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert counts_at_epoch_end[0] > 0
     assert counts_at_epoch_end == [counts_at_epoch_end[0]] * 4, counts_at_epoch_end
 
@@ -41,7 +33,7 @@ SHARDED = textwrap.dedent("""
     results = train_seeds(cfg, data, [0, 1, 2, 3])
     print(json.dumps({"devices": len(jax.devices()),
                       "losses": [r.step_losses.tolist() for r in results],
-                      "val": [r.history["val_loss"] for r in results]}))
+                      "val": [r.history["val_loss"].tolist() for r in results]}))
 """)
 
 
