@@ -31,11 +31,15 @@ any probe with i.i.d. entries. We report the mean over the probes and its standa
 Precision: Hessian-vector products are computed in the parameters' dtype (float32), Lanczos
 and the probe averages in float64 on the host.
 
-In a sweep (`SharpnessSettings`, measured at the end of each run): the defaults above
-(tolerance 1e-3, 100 probes, all 4,000 examples of mnist-5k) take 12-16 s per run on two CPU
-cores; the sweep's defaults take about 1 s: the first 1,024 training examples, a relative Ritz
-residual of 1e-2 (lambda_max within 1%), and 20 probes (a trace standard error of about 5% on
-the trained MLP, reported with every value).
+In a sweep (`SharpnessSettings`, measured at the end of each run) the defaults are lighter
+than those of `sharpness`: the first 1,024 training examples, a relative Ritz residual of 1e-2
+(lambda_max within 1%), and 20 probes (a trace standard error of about 5% on the trained MLP,
+reported with every value).
+
+The model and the loss follow `batchjax.losses`: a flax `model` or an `apply_fn`, and a
+per-example `loss_fn(outputs_B, labels_B) -> losses_B` (default cross-entropy); L is the mean of
+the per-example losses. One Hessian-vector product is compiled per shape of (params, x, y,
+chunk_size) and per model and loss, and reused by every later call.
 """
 
 from __future__ import annotations
@@ -45,35 +49,34 @@ import functools
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from batchjax.errors import BatchjaxError
-from batchjax.model import MLP, Params
-from batchjax.noise import resolve_loss_fn
-
-LossFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
+from batchjax.losses import ApplyFn, ExampleLossFn, LossFn
+from batchjax.model import Params
+from batchjax.noise import _check_xy, _resolve_loss
 
 # 1,024 examples of MNIST per chunk keep the forward-over-reverse intermediates of the
 # 101,770-parameter MLP around 10 MB.
 CHUNK_SIZE = 1024
 
 
-def _chunk_mean_loss(loss_fn: LossFn, params, x_C, y_C) -> jax.Array:
-    """The chunk's mean loss; a `loss_fn` may return per-example losses or their mean."""
-    loss = loss_fn(params, x_C, y_C)
-    return jnp.mean(loss) if loss.ndim else loss
+def _chunk_mean_loss(example_losses: ExampleLossFn, params, x_C, y_C) -> jax.Array:
+    """The chunk's mean loss, from the per-example losses."""
+    return jnp.mean(example_losses(params, x_C, y_C))
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "chunk_size"))
-def _hvp(params, v_P, x_N, y_N, *, loss_fn, chunk_size):
+@functools.partial(jax.jit, static_argnames=("example_losses", "chunk_size"))
+def _hvp(params, v_P, x_N, y_N, *, example_losses, chunk_size):
     """H v for the mean loss over all N examples; v and H v are flat vectors of P entries."""
     _, unravel = ravel_pytree(params)
     tangent = unravel(v_P)
     num_examples = x_N.shape[0]
-    grad_fn = jax.grad(functools.partial(_chunk_mean_loss, loss_fn))
+    grad_fn = jax.grad(functools.partial(_chunk_mean_loss, example_losses))
 
     def chunk_hvp(x_C, y_C):
         _, hv = jax.jvp(lambda p: grad_fn(p, x_C, y_C), (params,), (tangent,))
@@ -219,20 +222,21 @@ def _lanczos(matvec: Callable[[np.ndarray], np.ndarray], v0_P: np.ndarray, num_i
     return out
 
 
-def sharpness(params: Params, x: Any, y: Any, *, model: MLP | None = None,
-              loss_fn: LossFn | None = None, num_iters: int = 100, tol: float = 1e-3,
-              key: jax.Array | None = None, chunk_size: int = CHUNK_SIZE,
-              hutchinson_samples: int = 100) -> SharpnessResult:
+def sharpness(params: Params, x: Any, y: Any, *, model: nn.Module | None = None,
+              apply_fn: ApplyFn | None = None, loss_fn: LossFn | None = None,
+              num_iters: int = 100, tol: float = 1e-3, key: jax.Array | None = None,
+              chunk_size: int = CHUNK_SIZE, hutchinson_samples: int = 100) -> SharpnessResult:
     """Largest and smallest Hessian eigenvalues (Lanczos) and the trace (Hutchinson).
 
     Args:
       params: the point at which the Hessian is taken, a pytree of float arrays.
       x: inputs [N, ...] of the examples the mean loss is over (the training set, usually).
       y: their labels [N].
-      model: the `MLP` (inferred from `params` when both `model` and `loss_fn` are None).
-      loss_fn: instead of `model`: `loss_fn(params, x_B, y_B)` returning the per-example
-        losses [B] (as in `batchjax.noise`) or their mean (a scalar). It must be hashable and
-        the same object across calls, or every call recompiles.
+      model: the flax model; defaults to `batchjax.model.model_from_params(params)`.
+      apply_fn: instead of a model, `apply_fn(params, x_B) -> outputs_B`.
+      loss_fn: `loss_fn(outputs_B, labels_B) -> losses_B`, one loss per example; default
+        cross-entropy. Pass the same `model`/`apply_fn` and `loss_fn` objects to repeated
+        calls: the compiled Hessian-vector product is kept per pair.
       num_iters: most Lanczos iterations (Hessian-vector products over all N examples).
       tol: stop when both extreme Ritz residuals, relative to the spectral radius (to
         |lambda_max| for the top one), are at most `tol`.
@@ -244,7 +248,8 @@ def sharpness(params: Params, x: Any, y: Any, *, model: MLP | None = None,
       A `SharpnessResult`.
 
     Raises:
-      BatchjaxError: empty or mismatched data, bad counts, or both `model` and `loss_fn`.
+      BatchjaxError: empty or mismatched data, bad counts, both `model` and `apply_fn`, or a
+        loss that is not one value per example.
     """
     t0 = time.perf_counter()
     num_iters = _check_count("num_iters", num_iters, 1)
@@ -252,11 +257,13 @@ def sharpness(params: Params, x: Any, y: Any, *, model: MLP | None = None,
     hutchinson_samples = _check_count("hutchinson_samples", hutchinson_samples, 0)
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise BatchjaxError(f"tol must be a number > 0, got {tol!r}")
-    loss_fn = resolve_loss_fn(params, model, loss_fn)
-    x_N, y_N = jnp.asarray(x), jnp.asarray(y)
-    if x_N.ndim < 1 or x_N.shape[0] == 0 or y_N.shape[:1] != x_N.shape[:1]:
+    x_shape, y_shape = np.shape(x), np.shape(y)
+    if len(x_shape) < 1 or x_shape[0] == 0 or y_shape[:1] != x_shape[:1]:
         raise BatchjaxError(f"x and y must hold the same positive number of examples, got "
-                            f"shapes {x_N.shape} and {y_N.shape}")
+                            f"shapes {x_shape} and {y_shape}")
+    x_N, y_N = _check_xy(x, y)
+    example_losses = _resolve_loss(params, x_N, y_N, model=model, apply_fn=apply_fn,
+                                   loss_fn=loss_fn).example_losses
     params = jax.tree.map(jnp.asarray, params)
     flat_P, _ = ravel_pytree(params)
     num_params = int(flat_P.size)
@@ -265,8 +272,8 @@ def sharpness(params: Params, x: Any, y: Any, *, model: MLP | None = None,
     start_key, probe_key = jax.random.split(key)
 
     def matvec(v_P: np.ndarray) -> np.ndarray:
-        hv_P = _hvp(params, jnp.asarray(v_P, flat_P.dtype), x_N, y_N, loss_fn=loss_fn,
-                    chunk_size=chunk_size)
+        hv_P = _hvp(params, jnp.asarray(v_P, flat_P.dtype), x_N, y_N,
+                    example_losses=example_losses, chunk_size=chunk_size)
         return np.asarray(hv_P, np.float64)
 
     v0_P = np.asarray(jax.random.normal(start_key, (num_params,)), np.float64)

@@ -1,24 +1,31 @@
 """Tests of batchjax.noise: every statistic against an independent reference.
 
 References: a Python loop of `jax.grad` on single examples; closed forms (example i's gradient is
-i); float64 NumPy per-example gradients of the MLP written out by hand; and, on real MNIST
+i); float64 NumPy per-example gradients of the MLP written out by hand; the vmap path (the
+per-example gradients themselves) for the dense path of other Dense stacks; and, on real MNIST
 digits, sampled minibatch gradients compared with the analytic variance in standard errors.
 """
 
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from batchjax import noise
 from batchjax.config import TrainConfig
 from batchjax.errors import BatchjaxError
+from batchjax.losses import cross_entropy
 from batchjax.model import MLP, init_params
-from batchjax.train import TrainState, cross_entropy, make_optimizer, make_train_step
+from batchjax.rng import stream_key
+from compiles import count_compiles
 
 
 @pytest.fixture(scope="module")
@@ -35,23 +42,33 @@ def mnist():
             return d["x_train"].astype(np.float32) / 255, d["y_train"].astype(np.int32)
 
 
+def seed_mlp(hidden, num_classes=10):
+    """batchjax's MLP with one hidden layer of `hidden` units ("hidden" and "output")."""
+    return MLP(hidden=(hidden,), num_classes=num_classes)
+
+
 def mlp_params(hidden, seed=0):
-    return init_params(MLP(hidden=hidden), jax.random.key(seed), (28, 28))
+    return init_params(seed_mlp(hidden), jax.random.key(seed), (28, 28))
 
 
-def trained_params(x, y, hidden, steps, batch_size=32, seed=0):
-    """`steps` Keras-Adam steps on random batches of `batch_size` from the Glorot init."""
-    model, optimizer = MLP(hidden=hidden), make_optimizer(TrainConfig())
-    params = mlp_params(hidden, seed)
-    step = make_train_step(model, optimizer)
+def trained_params(x, y, hidden, steps, batch_size=32, seed=0, model=None):
+    """`steps` Adam steps (Keras' defaults: lr 1e-3, eps 1e-7) on random batches from the
+    initialisation of `model` (default: the seed MLP with `hidden` units)."""
+    model = model if model is not None else seed_mlp(hidden)
+    params = init_params(model, jax.random.key(seed), x.shape[1:])
+    optimizer = optax.adam(1e-3, eps=1e-7)
     idx_SxB = jax.random.randint(jax.random.key(seed + 1), (steps, batch_size), 0, x.shape[0])
     x, y = jnp.asarray(x), jnp.asarray(y)
 
-    @jax.jit
-    def run(state):
-        return jax.lax.scan(lambda s, idx: step(s, x[idx], y[idx]), state, idx_SxB)[0]
+    def step(carry, idx):
+        p, opt_state = carry
+        grads = jax.grad(lambda q: jnp.mean(cross_entropy(
+            model.apply({"params": q}, x[idx]), y[idx])))(p)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), None
 
-    return run(TrainState(params, optimizer.init(params))).params
+    run = jax.jit(lambda p: jax.lax.scan(step, (p, optimizer.init(p)), idx_SxB)[0][0])
+    return run(params)
 
 
 def numpy_per_example_grads(params, x, y):
@@ -80,13 +97,42 @@ def assert_tree_close(actual, expected, rtol, atol_frac=0.0):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=atol_frac * np.abs(e).max())
 
 
+def assert_stats_close(actual, expected, rtol=1e-5, atol_frac=1e-5):
+    """Two GradientStats agree: traces (total and per layer), |G|^2, G, the variances."""
+    assert actual.num_examples == expected.num_examples
+    assert actual.grad_sq_norm == pytest.approx(expected.grad_sq_norm, rel=rtol)
+    assert actual.trace_cov == pytest.approx(expected.trace_cov, rel=rtol)
+    assert set(actual.trace_cov_per_layer) == set(expected.trace_cov_per_layer)
+    for name, value in expected.trace_cov_per_layer.items():
+        assert actual.trace_cov_per_layer[name] == pytest.approx(value, rel=rtol), name
+    assert actual.mean_loss == pytest.approx(expected.mean_loss, rel=1e-6)
+    assert_tree_close(actual.mean_grad, expected.mean_grad, rtol=rtol, atol_frac=atol_frac)
+    if expected.variance is not None:
+        assert_tree_close(actual.variance, expected.variance, rtol=rtol, atol_frac=atol_frac)
+
+
+# Least squares and "example i's gradient is i" through the apply_fn + loss_fn contract; module
+# level, so that repeated calls pass the same function objects.
+def linear_apply(params, x_B):
+    return x_B @ params["w"]
+
+
+def identity_loss(outputs_B, labels_B):
+    del labels_B
+    return outputs_B
+
+
+def half_squared_error(outputs_B, targets_B):
+    return 0.5 * jnp.square(outputs_B - targets_B)
+
+
 # --------------------------------------------------------------------------------------------
 # Per-example gradients
 
 
 def test_per_example_grads_equal_a_loop_of_single_example_grads(mnist):
     x, y = mnist[0][:6], mnist[1][:6]
-    params, model = mlp_params(8), MLP(hidden=8)
+    params, model = mlp_params(8), seed_mlp(8)
     grads = noise.per_example_grads(params, x, y)
     single_grad = jax.jit(jax.grad(lambda p, x_1, y_1: cross_entropy(
         model.apply({"params": p}, x_1), y_1)[0]))
@@ -98,7 +144,7 @@ def test_per_example_grads_equal_a_loop_of_single_example_grads(mnist):
 
 def test_mean_of_per_example_grads_is_the_gradient_of_the_mean_loss(mnist):
     x, y = mnist[0][:40], mnist[1][:40]
-    params, model = mlp_params(8), MLP(hidden=8)
+    params, model = mlp_params(8), seed_mlp(8)
     grads = noise.per_example_grads(params, x, y)
     mean_loss = lambda p: jnp.mean(  # noqa: E731
         cross_entropy(model.apply({"params": p}, x), y))
@@ -151,12 +197,12 @@ def test_closed_form_example_i_has_gradient_i():
     n = 10
     # loss_i = w . x_i with x_i = (i, i, i): g_i = (i, i, i), G = (n - 1) / 2,
     # Var = (n^2 - 1) / 12 per coordinate.
-    loss_fn = lambda p, x_B, y_B: x_B @ p["w"]  # noqa: E731
     params = {"w": jnp.zeros(3)}
     x = np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1)
     y = np.zeros(n, np.int32)
     for chunk_size in (n, 3, 4):
-        stats = noise.gradient_stats(params, x, y, loss_fn=loss_fn, chunk_size=chunk_size)
+        stats = noise.gradient_stats(params, x, y, apply_fn=linear_apply, loss_fn=identity_loss,
+                                     chunk_size=chunk_size)
         assert stats.method == "vmap"
         np.testing.assert_allclose(stats.mean_grad["w"], [(n - 1) / 2] * 3, rtol=1e-7)
         np.testing.assert_allclose(stats.variance["w"], [(n * n - 1) / 12] * 3, rtol=1e-6)
@@ -176,9 +222,10 @@ def test_closed_form_least_squares():
     rng = np.random.default_rng(0)
     x, t = rng.normal(size=(37, 5)).astype(np.float32), rng.normal(size=37).astype(np.float32)
     w = rng.normal(size=5).astype(np.float32)
-    loss_fn = lambda p, x_B, t_B: 0.5 * jnp.square(x_B @ p["w"] - t_B)  # noqa: E731
     g = (x.astype(np.float64) @ w - t)[:, None] * x
-    stats = noise.gradient_stats({"w": jnp.asarray(w)}, x, t, loss_fn=loss_fn, chunk_size=8)
+    stats = noise.gradient_stats({"w": jnp.asarray(w)}, x, t, apply_fn=linear_apply,
+                                 loss_fn=half_squared_error, chunk_size=8)
+    assert stats.method == "vmap"
     np.testing.assert_allclose(stats.mean_grad["w"], g.mean(0), rtol=1e-5)
     np.testing.assert_allclose(stats.variance["w"], g.var(0), rtol=1e-5)
 
@@ -285,6 +332,235 @@ def test_large_mean_tiny_variance_is_accurate_where_the_naive_formula_fails(mnis
 
 
 # --------------------------------------------------------------------------------------------
+# The dense path for any stack of Dense layers
+
+
+class Block(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Dense(self.width, use_bias=False)(x))
+
+
+class CustomStack(nn.Module):
+    """A Dense stack in other words: gelu and tanh, free names, a nested layer without a bias,
+    and a row-wise (not elementwise) normalisation between layers."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        x = nn.gelu(nn.Dense(12, name="encoder")(x))
+        x = Block(7, name="block")(x)
+        x = x / (1 + jnp.linalg.norm(x, axis=1, keepdims=True))
+        return nn.Dense(10, name="head")(x)
+
+
+def smoothed_cross_entropy(logits_BxK, labels_B):
+    """Cross-entropy against labels smoothed by 0.1: a loss other than the default."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxK.shape[-1]), 0.1)
+    return optax.softmax_cross_entropy(logits_BxK, targets)
+
+
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x[..., None]))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class SharedDense(nn.Module):
+    """One Dense layer called twice: its per-example gradient is no longer a_i delta_i^T."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.tanh(nn.Dense(6, name="first")(x.reshape((x.shape[0], -1))))
+        shared = nn.Dense(6, name="shared")
+        return nn.Dense(10, name="out")(jnp.tanh(shared(jnp.tanh(shared(x)))))
+
+
+class WithTemperature(nn.Module):
+    """A parameter outside every Dense layer."""
+
+    @nn.compact
+    def __call__(self, x):
+        temperature = self.param("temperature", nn.initializers.ones, ())
+        return nn.Dense(10)(x.reshape((x.shape[0], -1))) / temperature
+
+
+class RowsOfPixels(nn.Module):
+    """A Dense layer on [B, 28, 28]: one example's gradient sums over its 28 rows."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(3)(x))
+        return nn.Dense(10)(h.reshape((h.shape[0], -1)))
+
+
+class TiedWeights(nn.Module):
+    """A Dense kernel read again outside its layer's call (a tied decoder)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        encoder = nn.Dense(6, name="encoder")
+        h = jnp.tanh(encoder(x))
+        return nn.Dense(10, name="out")(h @ encoder.variables["params"]["kernel"].T)
+
+
+def doubled_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                        preferred_element_type=None):
+    return 2 * jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+
+
+class OwnProduct(nn.Module):
+    """A Dense layer whose product is not the plain one."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10, dot_general=doubled_dot_general)(x.reshape((x.shape[0], -1)))
+
+
+def loop_stats(model, params, x, y, loss_fn=cross_entropy):
+    """Mean gradient and divisor-N variances from a Python loop of jax.grad, in float64."""
+    single = jax.jit(jax.grad(lambda p, x_1, y_1: loss_fn(model.apply({"params": p}, x_1),
+                                                          y_1)[0]))
+    grads = [leaves(single(params, x[i:i + 1], y[i:i + 1])) for i in range(len(y))]
+    stacked = [np.stack(g) for g in zip(*grads)]
+    return [g.mean(0) for g in stacked], [g.var(0) for g in stacked]
+
+
+@pytest.mark.parametrize("steps", [0, 100])
+def test_three_layer_mlp_dense_path_equals_vmap_path(mnist, steps):
+    x, y = mnist[0][:300], mnist[1][:300]
+    model = MLP(hidden=(16, 8))  # layers "hidden_0", "hidden_1", "output"
+    params = (trained_params(*mnist, hidden=None, steps=steps, model=model) if steps
+              else init_params(model, jax.random.key(0), (28, 28)))
+    layers = noise.dense_layers(params, x, model=model)
+    names = noise._leaf_names(params)
+    assert [(names[layer.kernel], names[layer.bias]) for layer in layers] == [
+        ("hidden_0/kernel", "hidden_0/bias"), ("hidden_1/kernel", "hidden_1/bias"),
+        ("output/kernel", "output/bias")]
+    np.testing.assert_allclose(
+        noise.per_example_sq_norms(params, x, y, model=model, method="dense"),
+        noise.per_example_sq_norms(params, x, y, model=model, method="vmap"), rtol=1e-5)
+    vmap = noise.gradient_stats(params, x, y, model=model, method="vmap", chunk_size=128)
+    for elementwise in (True, False):
+        dense = noise.gradient_stats(params, x, y, model=model, chunk_size=128,  # "auto"
+                                     elementwise=elementwise)
+        assert dense.method == "dense" and vmap.method == "vmap"
+        assert_stats_close(dense, vmap)
+    assert dense.variance is None
+    # Weights whose every g_i is 0 (always-black pixels, dead units) are exact zeros in both.
+    dense = noise.gradient_stats(params, x, y, model=model, chunk_size=128)
+    assert dense.num_zero_variance == vmap.num_zero_variance > 0
+    assert dense.mean_gsnr == pytest.approx(vmap.mean_gsnr, rel=1e-4)
+
+
+def test_any_dense_stack_and_any_loss_take_the_dense_path(mnist):
+    x, y = mnist[0][:150], mnist[1][:150]
+    model = CustomStack()
+    params = init_params(model, jax.random.key(3), (28, 28))
+    layers = noise.dense_layers(params, x, model=model)
+    names = noise._leaf_names(params)
+    assert [(names[layer.kernel], layer.bias if layer.bias < 0 else names[layer.bias])
+            for layer in layers] == [("encoder/kernel", "encoder/bias"),
+                                     ("block/Dense_0/kernel", -1),
+                                     ("head/kernel", "head/bias")]
+    for loss_fn in (cross_entropy, smoothed_cross_entropy):
+        vmap = noise.gradient_stats(params, x, y, model=model, loss_fn=loss_fn, method="vmap")
+        for elementwise in (True, False):
+            dense = noise.gradient_stats(params, x, y, model=model, loss_fn=loss_fn,
+                                         chunk_size=64, elementwise=elementwise)
+            assert dense.method == "dense"
+            assert_stats_close(dense, vmap)
+    mean, var = loop_stats(model, params, x, y, smoothed_cross_entropy)
+    assert_tree_close(dense.mean_grad, jax.tree.unflatten(jax.tree.structure(params), mean),
+                      rtol=1e-4, atol_frac=1e-5)
+    assert dense.trace_cov == pytest.approx(sum(v.sum() for v in var), rel=1e-4)
+    # An apply_fn that calls the model is recognised too (the Dense calls are what count).
+    wrapped = noise.gradient_stats(params, x, y, apply_fn=lambda p, x_B: model.apply(
+        {"params": p}, x_B), loss_fn=smoothed_cross_entropy, chunk_size=64, elementwise=False)
+    assert wrapped.method == "dense" and wrapped.trace_cov == pytest.approx(dense.trace_cov,
+                                                                           rel=1e-6)
+
+
+@pytest.mark.parametrize("model_cls,reason", [
+    (SmallCNN, "belong to no Dense layer"),
+    (SharedDense, "called more than once"),
+    (WithTemperature, "belong to no Dense layer"),
+    (RowsOfPixels, "not \\[batch, features\\]"),
+    (TiedWeights, "used outside a Dense layer"),
+    (OwnProduct, "its own dot_general"),
+])
+def test_models_that_are_no_dense_stack_take_the_vmap_path(mnist, model_cls, reason):
+    x, y = mnist[0][:24], mnist[1][:24]
+    model = model_cls()
+    params = init_params(model, jax.random.key(1), (28, 28))
+    assert noise.dense_layers(params, x, model=model) is None
+    stats = noise.gradient_stats(params, x, y, model=model, chunk_size=10)
+    assert stats.method == "vmap"
+    # Right, where closed forms for a_i delta_i^T would not be.
+    mean, var = loop_stats(model, params, x, y)
+    assert_tree_close(stats.mean_grad, jax.tree.unflatten(jax.tree.structure(params), mean),
+                      rtol=1e-4, atol_frac=1e-5)
+    assert_tree_close(stats.variance, jax.tree.unflatten(jax.tree.structure(params), var),
+                      rtol=1e-4, atol_frac=1e-5)
+    with pytest.raises(BatchjaxError, match=reason):
+        noise.gradient_stats(params, x, y, model=model, method="dense")
+
+
+def test_repeated_calls_compile_nothing_new(mnist):
+    x, y = jnp.asarray(mnist[0][:150]), jnp.asarray(mnist[1][:150])
+    model = MLP(hidden=(10, 5))
+    params = [init_params(model, jax.random.key(seed), (28, 28)) for seed in (0, 1)]
+    key = jax.random.key(0)
+
+    def calls(p):
+        noise.gradient_stats(p, x, y, model=model, chunk_size=64)
+        noise.gradient_stats(p, x, y, model=model, chunk_size=64, elementwise=False)
+        noise.gradient_stats(p, x, y, model=model, method="vmap", chunk_size=32)
+        noise.empirical_minibatch_variance(p, x, y, 8, 10, key, model=model)
+        noise.two_batch_noise_estimate(p, x, y, key, small_batch_size=2, big_batch_size=8,
+                                       num_draws=4, model=model)
+        noise.per_example_grads(p, x, y, model=model)
+        noise.per_example_sq_norms(p, x, y, model=model)
+
+    calls(params[0])
+    with count_compiles() as compiles:
+        calls(params[1])
+    assert len(compiles) == 0
+    # Other shapes do compile: the counter sees compilations.
+    with count_compiles() as compiles:
+        noise.gradient_stats(params[1], x[:99], y[:99], model=model, chunk_size=64)
+    assert len(compiles) > 0
+
+
+def test_repeated_calls_with_jax_arrays_copy_no_data_to_the_device(mnist):
+    x_np, y_np = mnist[0][:130], mnist[1][:130]
+    x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+    x_N, y_N = noise._check_xy(x, y)
+    assert x_N is x and y_N is y  # used as they are
+    params = mlp_params(8)
+    for elementwise in (True, False):
+        noise.gradient_stats(params, x, y, chunk_size=64, elementwise=elementwise)
+        with jax.transfer_guard_host_to_device("disallow"):
+            noise.gradient_stats(params, x, y, chunk_size=64, elementwise=elementwise)
+            with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+                noise.gradient_stats(params, x_np, y_np, chunk_size=64)  # copies its data
+
+
+def test_noise_and_sharpness_import_nothing_from_train():
+    code = ("import sys, batchjax.noise, batchjax.sharpness; "
+            "print(sorted(m for m in sys.modules if m.startswith('batchjax.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    loaded = out.stdout.strip()
+    assert "batchjax.noise" in loaded and "batchjax.train" not in loaded
+
+
+# --------------------------------------------------------------------------------------------
 # Sampled estimates on real data
 
 
@@ -323,11 +599,11 @@ def test_two_batch_estimate_closed_form_with_and_without_replacement(replace):
     # Ten examples with g_i = (i - 3, i - 3, i - 3): |G|^2 = 3 * 1.5^2, tr(Sigma) = 3 * 8.25.
     # At N = 10 the finite-population v(5) = 1/9 is half of 1/5: the wrong v(B) would fail.
     n = 10
-    loss_fn = lambda p, x_B, y_B: x_B @ p["w"]  # noqa: E731
     x = np.repeat(np.arange(n, dtype=np.float32)[:, None] - 3, 3, axis=1)
     est = noise.two_batch_noise_estimate(
         {"w": jnp.zeros(3)}, x, np.zeros(n, np.int32), jax.random.key(3), small_batch_size=1,
-        big_batch_size=5, num_draws=20000, replace=replace, loss_fn=loss_fn)
+        big_batch_size=5, num_draws=20000, replace=replace, apply_fn=linear_apply,
+        loss_fn=identity_loss)
     assert est.replace is replace and (est.small_batch_size, est.big_batch_size) == (1, 5)
     check_within_stderr(est, 3 * 1.5**2, 3 * 8.25)
 
@@ -365,13 +641,18 @@ def test_sampling_arguments_are_checked(mnist):
                                        big_batch_size=8, num_draws=10)
     with pytest.raises(BatchjaxError):
         noise.gradient_stats(params, x, y, chunk_size=0)
-    with pytest.raises(BatchjaxError):
-        noise.gradient_stats(params, x, y, method="dense",
-                             loss_fn=lambda p, a, b: jnp.zeros(a.shape[0]))
+    with pytest.raises(BatchjaxError, match="method='dense' needs a stack of flax.linen.Dense"):
+        noise.gradient_stats({"w": jnp.zeros((784,))}, x, y, method="dense",
+                             apply_fn=lambda p, a: a.reshape((len(a), -1)) * p["w"][None, :])
     with pytest.raises(BatchjaxError):
         noise.gradient_stats(params, x, y, method="fast")
     with pytest.raises(BatchjaxError):
-        noise.gradient_stats({"w": jnp.zeros(3)}, x, y)  # not an MLP and no loss_fn
+        noise.gradient_stats({"w": jnp.zeros(3)}, x, y)  # not an MLP and no model or apply_fn
+    with pytest.raises(BatchjaxError, match="either model or apply_fn"):
+        noise.gradient_stats(params, x, y, model=seed_mlp(8), apply_fn=linear_apply)
+    with pytest.raises(BatchjaxError, match="one loss per example"):
+        noise.gradient_stats(params, x, y, loss_fn=lambda out, lab: jnp.mean(
+            cross_entropy(out, lab)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,25 +666,30 @@ class _Data:
 
 RECORD_KEYS = {"step", "examples_seen", "train_loss", "grad_sq_norm", "trace_cov",
                "trace_cov_per_layer", "noise_scale", "minibatch_variance", "snr",
-               "empirical", "probe_size", "seconds"}
+               "empirical", "probe_size", "method", "seconds"}
 
 
 def test_make_measure_records_every_seed_and_batch_size_without_recompiling(mnist):
     data = _Data(mnist[0][:600], mnist[1][:600])
     config = TrainConfig.tiny(probe_size=500)
-    measure = noise.make_measure(data, config, batch_sizes=[8, 32, 128], empirical_batches=50)
+    model = seed_mlp(16)
+    measure = noise.make_measure(data, config, batch_sizes=[8, 32, 128], empirical_batches=50,
+                                 model=model)
     params_list = [mlp_params(16, seed) for seed in (0, 1)]
     first = measure(params_list, 10, 160)
-    sizes = (noise._chunk_moments._cache_size(), noise._minibatch_sq_norms._cache_size())
-    second = measure(params_list, 10, 160)
-    third = measure(params_list, 11, 176)
-    assert (noise._chunk_moments._cache_size(),
+    sizes = (noise._window_moments._cache_size(), noise._minibatch_sq_norms._cache_size())
+    with count_compiles() as compiles:
+        second = measure(params_list, 10, 160)
+        third = measure(params_list, 11, 176)
+    assert len(compiles) == 0
+    assert (noise._window_moments._cache_size(),
             noise._minibatch_sq_norms._cache_size()) == sizes
     assert len(first) == 2 and all(len(records) == 1 for records in first)
     for records in first:
         r = records[0]
         assert set(r) == RECORD_KEYS and json.loads(json.dumps(r)) == r
         assert (r["step"], r["examples_seen"], r["probe_size"]) == (10, 160, 500)
+        assert r["method"] == "dense"
         assert set(r["minibatch_variance"]) == set(r["snr"]) == {"8", "32", "128"}
         assert set(r["trace_cov_per_layer"]) == {"hidden/kernel", "hidden/bias",
                                                 "output/kernel", "output/bias"}
@@ -417,7 +703,7 @@ def test_make_measure_records_every_seed_and_batch_size_without_recompiling(mnis
     assert first[0][0]["trace_cov"] != first[1][0]["trace_cov"]
     # With the per-parameter variances, the same record plus the mean GSNR of the probe set.
     full = noise.make_measure(data, config, batch_sizes=[8, 32, 128], empirical_batches=50,
-                              elementwise=True)(params_list, 10, 160)
+                              elementwise=True, model=model)(params_list, 10, 160)
     stats = noise.gradient_stats(params_list[0], data.x_train[:500], data.y_train[:500])
     assert set(full[0][0]) == RECORD_KEYS | {"mean_gsnr"}
     assert full[0][0]["mean_gsnr"] == pytest.approx(stats.mean_gsnr, rel=1e-6)
@@ -428,20 +714,72 @@ def test_make_measure_records_every_seed_and_batch_size_without_recompiling(mnis
         noise.make_measure(data, config, batch_sizes=[501])
 
 
+def test_make_measure_defaults_to_the_mlp_of_the_config(mnist):
+    data = _Data(mnist[0][:300], mnist[1][:300])
+    config = TrainConfig.tiny(probe_size=256)  # hidden (16,)
+    params = mlp_params(16)
+    record = noise.make_measure(data, config, batch_sizes=[8], empirical_batches=20)(
+        [params], 3, 48)[0][0]
+    stats = noise.gradient_stats(params, data.x_train[:256], data.y_train[:256],
+                                 model=seed_mlp(16), elementwise=False)
+    assert record["method"] == "dense"
+    assert record["trace_cov"] == pytest.approx(stats.trace_cov, rel=1e-6)
+
+
+def test_the_sampled_check_draws_from_the_noise_stream_of_the_seed(mnist):
+    x, y = mnist[0][:300], mnist[1][:300]
+    data, model = _Data(x, y), seed_mlp(16)
+    config = TrainConfig.tiny(probe_size=256, batch_size=8)
+    params = mlp_params(16, 5)
+    record = noise.make_measure(data, config, batch_sizes=[8], seeds=[5], empirical_batches=30,
+                                model=model)([params], 7, 56)[0][0]
+    stats = noise.gradient_stats(params, x[:256], y[:256], model=model)
+    expected = noise.empirical_minibatch_variance(
+        params, x[:256], y[:256], 8, 30, stream_key(5, "noise", 7), model=model,
+        mean_grad=stats.mean_grad)
+    assert record["empirical"]["mean"] == pytest.approx(expected.mean, rel=1e-6)
+    assert record["empirical"]["stderr"] == pytest.approx(expected.stderr, rel=1e-5)
+    # The old key fold_in(fold_in(key(seed), step), 0) draws other minibatches.
+    old = noise.empirical_minibatch_variance(
+        params, x[:256], y[:256], 8, 30,
+        jax.random.fold_in(jax.random.fold_in(jax.random.key(5), 7), 0), model=model,
+        mean_grad=stats.mean_grad)
+    assert old.mean != pytest.approx(expected.mean, rel=1e-6)
+
+
+def test_make_measure_with_the_model_and_loss_that_trained(mnist):
+    x, y = mnist[0][:300], mnist[1][:300]
+    model = MLP(hidden=(12, 6))
+    params = init_params(model, jax.random.key(2), (28, 28))
+    loss_fn = smoothed_cross_entropy
+    record = noise.make_measure(_Data(x, y), TrainConfig.tiny(probe_size=256),
+                                batch_sizes=[8], empirical_batches=20, model=model,
+                                loss_fn=loss_fn)([params], 0, 0)[0][0]
+    vmap = noise.gradient_stats(params, x[:256], y[:256], model=model, loss_fn=loss_fn,
+                                method="vmap")
+    assert record["method"] == "dense"
+    assert set(record["trace_cov_per_layer"]) == set(vmap.trace_cov_per_layer) == {
+        f"{layer}/{leaf}" for layer in ("hidden_0", "hidden_1", "output")
+        for leaf in ("kernel", "bias")}
+    assert record["trace_cov"] == pytest.approx(vmap.trace_cov, rel=1e-5)
+    assert record["train_loss"] == pytest.approx(vmap.mean_loss, rel=1e-6)
+
 
 def test_group_measure_keyed_by_seed_equals_single_seed_measures(mnist):
     data = _Data(mnist[0][:300], mnist[1][:300])
     config = TrainConfig.tiny(probe_size=256)
+    model = seed_mlp(16)
     params = {seed: mlp_params(16, seed) for seed in (3, 7)}
-    group = noise.make_measure(data, config, batch_sizes=[8], seeds=[3, 7], empirical_batches=20)
+    group = noise.make_measure(data, config, batch_sizes=[8], seeds=[3, 7], empirical_batches=20,
+                               model=model)
     together = group([params[3], params[7]], 5, 80)
     for i, seed in enumerate((3, 7)):
         alone = noise.make_measure(data, dataclasses.replace(config, seed=seed), batch_sizes=[8],
-                                   empirical_batches=20)([params[seed]], 5, 80)
+                                   empirical_batches=20, model=model)([params[seed]], 5, 80)
         assert together[i][0]["empirical"] == alone[0][0]["empirical"]
     # Order in the group does not matter: the key follows the seed, not the position.
     swapped = noise.make_measure(data, config, batch_sizes=[8], seeds=[7, 3],
-                                 empirical_batches=20)([params[7], params[3]], 5, 80)
+                                 empirical_batches=20, model=model)([params[7], params[3]], 5, 80)
     assert swapped[1][0]["empirical"] == together[0][0]["empirical"]
 
 

@@ -6,12 +6,17 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batchjax.losses import cross_entropy
 from batchjax.model import MLP, init_params
 from batchjax.noise import gradient_stats, per_example_grads
-from batchjax.train import cross_entropy
 
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
+
+
+def seed_mlp(hidden, num_classes):
+    """batchjax's MLP with one hidden layer of `hidden` units ("hidden" and "output")."""
+    return MLP(hidden=(hidden,), num_classes=num_classes)
 
 
 @st.composite
@@ -27,7 +32,7 @@ def problems(draw):
     rng = np.random.default_rng(seed)
     x = rng.random((n, height, width), dtype=np.float32)
     y = rng.integers(0, classes, n).astype(np.int32)
-    params = init_params(MLP(hidden, classes), jax.random.key(seed), (height, width))
+    params = init_params(seed_mlp(hidden, classes), jax.random.key(seed), (height, width))
     return params, x, y, chunk
 
 
@@ -72,13 +77,14 @@ def test_traces_alone_equal_the_sums_of_per_example_gradient_variances(problem, 
 @given(problems(), st.floats(0.01, 100.0))
 def test_noise_scale_is_invariant_to_scaling_the_loss(problem, scale):
     params, x, y, chunk = problem
-    model = MLP(params["hidden"]["kernel"].shape[1], params["output"]["kernel"].shape[1])
+    model = seed_mlp(params["hidden"]["kernel"].shape[1], params["output"]["kernel"].shape[1])
 
-    def scaled_loss(p, x_B, y_B):
-        return scale * cross_entropy(model.apply({"params": p}, x_B), y_B)
+    def scaled_loss(logits_BxK, y_B):
+        return scale * cross_entropy(logits_BxK, y_B)
 
-    plain = gradient_stats(params, x, y, chunk_size=chunk, method="vmap")
-    scaled = gradient_stats(params, x, y, chunk_size=chunk, method="vmap", loss_fn=scaled_loss)
+    plain = gradient_stats(params, x, y, model=model, chunk_size=chunk, method="vmap")
+    scaled = gradient_stats(params, x, y, model=model, chunk_size=chunk, method="vmap",
+                            loss_fn=scaled_loss)
     # G scales by c and Sigma by c^2, so B_simple = tr(Sigma) / |G|^2 does not change.
     np.testing.assert_allclose(scaled.grad_sq_norm, scale**2 * plain.grad_sq_norm, rtol=1e-4,
                                atol=1e-12)
@@ -86,6 +92,14 @@ def test_noise_scale_is_invariant_to_scaling_the_loss(problem, scale):
                                atol=1e-12)
     if plain.grad_sq_norm > 1e-8 and plain.trace_cov > 1e-8:
         np.testing.assert_allclose(scaled.noise_scale, plain.noise_scale, rtol=1e-3)
+    # Any per-example loss takes the dense path, with the vmap path's values.
+    dense = gradient_stats(params, x, y, model=model, chunk_size=chunk, loss_fn=scaled_loss,
+                           elementwise=False)
+    assert dense.method == "dense"
+    np.testing.assert_allclose(dense.trace_cov, scaled.trace_cov, rtol=1e-4,
+                               atol=1e-6 * scale**2)
+    np.testing.assert_allclose(dense.grad_sq_norm, scaled.grad_sq_norm, rtol=1e-4,
+                               atol=1e-6 * scale**2)
 
 
 @settings(SETTINGS, max_examples=4)
@@ -95,7 +109,8 @@ def test_identical_examples_have_no_variance_whatever_the_chunking(n, chunk):
     one = rng.random((1, 4, 3), dtype=np.float32)
     x = np.repeat(one, n, axis=0)
     y = np.full(n, 2, np.int32)
-    params = init_params(MLP(5, 4), jax.random.key(n), (4, 3))
+    model = seed_mlp(5, 4)
+    params = init_params(model, jax.random.key(n), (4, 3))
     for method, elementwise in [(m, e) for m in ("dense", "vmap") for e in (True, False)]:
         stats = gradient_stats(params, x, y, chunk_size=chunk, method=method,
                                elementwise=elementwise)
@@ -105,6 +120,6 @@ def test_identical_examples_have_no_variance_whatever_the_chunking(n, chunk):
         np.testing.assert_allclose(
             jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(stats.mean_grad)]),
             jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(
-                jax.grad(lambda p: cross_entropy(MLP(5, 4).apply({"params": p}, one),
+                jax.grad(lambda p: cross_entropy(model.apply({"params": p}, one),
                                                  y[:1]).mean())(params))]),
             rtol=1e-4, atol=1e-7)

@@ -2,6 +2,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +11,18 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from batchjax import BatchjaxError
+from batchjax.losses import cross_entropy, example_losses_fn, model_apply_fn
 from batchjax.model import MLP, init_params
 from batchjax.sharpness import _hvp, sharpness
-from batchjax.train import cross_entropy
+from compiles import count_compiles
 
-MODEL = MLP(hidden=4, num_classes=3)  # 36*4 + 4 + 4*3 + 3 = 163 parameters on 6x6 inputs
+
+def seed_mlp(hidden, num_classes):
+    """batchjax's MLP with one hidden layer of `hidden` units ("hidden" and "output")."""
+    return MLP(hidden=(hidden,), num_classes=num_classes)
+
+
+MODEL = seed_mlp(4, 3)  # 36*4 + 4 + 4*3 + 3 = 163 parameters on 6x6 inputs
 NUM_EXAMPLES = 60
 
 
@@ -103,7 +111,8 @@ def test_chunked_equals_unchunked(data, points):
     v = jax.random.normal(jax.random.key(0), flat.shape)
     exact_hv = exact_hessian(params, x, y) @ np.asarray(v, np.float64)
     for chunk_size in (7, 32, NUM_EXAMPLES):  # 7 and 32 leave a partial last chunk
-        hv = _hvp(params, v, jnp.asarray(x), jnp.asarray(y), loss_fn=mean_loss,
+        hv = _hvp(params, v, jnp.asarray(x), jnp.asarray(y),
+                  example_losses=example_losses_fn(model_apply_fn(MODEL)),
                   chunk_size=chunk_size)
         np.testing.assert_allclose(np.asarray(hv), exact_hv, rtol=1e-4,
                                    atol=1e-5 * np.abs(exact_hv).max())
@@ -122,15 +131,24 @@ QUADRATIC_SPECTRUM = np.array([-5.0, -1.0, 0.5, 2.0, 3.0])
 QUADRATIC_A = jnp.asarray(rotated(QUADRATIC_SPECTRUM, seed=1), jnp.float32)
 
 
-def per_example_quadratic(params, x_B, y_B):
-    """l_i(w) = 0.5 (w - x_i)^T A (w - x_i): the mean loss has Hessian A at every w."""
+def offsets(params, x_B):
+    """apply_fn: d_i = w - x_i, the output whose quadratic form is the loss."""
+    return params["w"][None, :] - x_B
+
+
+def quadratic_form(d_BxP, y_B):
+    """loss_fn: l_i = 0.5 d_i^T A d_i, so l_i(w) = 0.5 (w - x_i)^T A (w - x_i) and the mean
+    loss has Hessian A at every w."""
     del y_B
-    d_BxP = params["w"][None, :] - x_B
     return 0.5 * jnp.einsum("bi,ij,bj->b", d_BxP, QUADRATIC_A, d_BxP)
 
 
-def mean_quadratic(params, x_B, y_B):
-    return jnp.mean(per_example_quadratic(params, x_B, y_B))
+class Offsets(nn.Module):
+    """The same offsets as a flax module with the parameter w."""
+
+    @nn.compact
+    def __call__(self, x_B):
+        return self.param("w", nn.initializers.zeros, (x_B.shape[1],))[None, :] - x_B
 
 
 def test_quadratic_with_known_hessian():
@@ -138,8 +156,9 @@ def test_quadratic_with_known_hessian():
     x = rng.normal(size=(13, 5)).astype(np.float32)
     y = np.zeros(13, np.int32)
     params = {"w": jnp.asarray(rng.normal(size=5), jnp.float32)}
-    results = [sharpness(params, x, y, loss_fn=f, chunk_size=4, hutchinson_samples=200)
-               for f in (per_example_quadratic, mean_quadratic)]
+    results = [sharpness(params, x, y, loss_fn=quadratic_form, chunk_size=4,
+                         hutchinson_samples=200, **how)
+               for how in ({"apply_fn": offsets}, {"model": Offsets()})]
     for result in results:
         # The most negative eigenvalue is the largest in magnitude: power iteration would
         # return -5; the largest algebraic eigenvalue is 3.
@@ -158,14 +177,26 @@ def test_result_is_json_and_the_hvp_compiles_once_per_shape(data, points):
     result = sharpness(points["trained"], x, y, num_iters=5, hutchinson_samples=3,
                        chunk_size=16)
     assert _hvp._cache_size() == compiled
+    # The same shapes again, at other parameters, with another key, given the model or not, on
+    # NumPy or jax arrays: nothing at all is compiled.
+    key = jax.random.key(9)
+    with count_compiles() as compiles:
+        sharpness(points["trained"], x, y, num_iters=3, hutchinson_samples=2, chunk_size=16,
+                  key=key)
+        sharpness(points["init"], jnp.asarray(x), jnp.asarray(y), model=MODEL, num_iters=4,
+                  hutchinson_samples=2, chunk_size=16, key=key)
+    assert len(compiles) == 0
     record = json.loads(json.dumps(result.to_dict()))
     assert record["iterations"] == result.iterations and record["trace"] == result.trace
 
 
 def test_bad_input_raises(data, points):
     x, y = data
-    with pytest.raises(BatchjaxError, match="either model or loss_fn"):
-        sharpness(points["init"], x, y, model=MODEL, loss_fn=mean_loss)
+    with pytest.raises(BatchjaxError, match="either model or apply_fn"):
+        sharpness(points["init"], x, y, model=MODEL, apply_fn=model_apply_fn(MODEL))
+    with pytest.raises(BatchjaxError, match="one loss per example"):
+        sharpness(points["init"], x, y, loss_fn=lambda out, lab: jnp.mean(
+            cross_entropy(out, lab)))
     with pytest.raises(BatchjaxError, match="same positive number"):
         sharpness(points["init"], x, y[:-1])
     with pytest.raises(BatchjaxError, match="num_iters"):
