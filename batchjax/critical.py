@@ -37,6 +37,9 @@ S / S_min = 1 + B_crit / B. With a factor k (default 4):
 The model is derived for SGD near a quadratic minimum; with Adam (the optimizer of this
 library) it is an empirical description whose fit quality the residuals report.
 
+Numbers only: `batchjax.analysis` applies this to a sweep and `batchjax.plots` draws it
+(`plot_steps_to_target`).
+
 Steps to a target, from a run's saved history:
   * validation accuracy is measured only at epoch ends: the first epoch e whose accuracy reaches
     the target is found, and steps and examples are interpolated linearly in steps between the
@@ -62,6 +65,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from batchjax.errors import BatchjaxError
+from batchjax.run import Run
 
 # Saved accuracies are float32 values such as 0.949999988 for 950/1000: a target of 0.95 counts
 # as reached by values this close below it.
@@ -70,30 +74,15 @@ LOSS_WINDOW_EXAMPLES = 1024
 REGIME_FACTOR = 4.0
 _IRLS_ITERS = 50
 
-# Okabe & Ito (2008), the colour-blind-safe palette.
-OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9",
-             "bluish_green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
-             "vermillion": "#D55E00", "reddish_purple": "#CC79A7"}
-REGIME_COLOURS = {"perfect_scaling": OKABE_ITO["bluish_green"],
-                  "diminishing_returns": OKABE_ITO["yellow"],
-                  "maximal_data_parallelism": OKABE_ITO["reddish_purple"]}
-COLUMN_WIDTH_INCHES = 3.4
-
 
 # --------------------------------------------------------------------------------------------
 # Steps to a target
 
 
-def _field(result_like: Any, name: str) -> Any:
-    if isinstance(result_like, Mapping):
-        return result_like.get(name)
-    return getattr(result_like, name, None)
-
-
-def _check_history(history: Any, keys: tuple[str, ...]) -> None:
-    if not isinstance(history, Mapping) or not all(k in history for k in keys):
-        raise BatchjaxError(f"result has no per-epoch history with {', '.join(keys)} (pass a "
-                            "TrainResult, a Run or a metrics.json dict)")
+def _check_history(history: Mapping, keys: tuple[str, ...]) -> None:
+    if not all(k in history for k in keys):
+        raise BatchjaxError(f"the run has no per-epoch history with {', '.join(keys)} (a Run "
+                            "as training returns it or results.load_sweep loads it has one)")
 
 
 def _interpolate_crossing(steps_K: np.ndarray, examples_K: np.ndarray, i: int,
@@ -142,21 +131,18 @@ def smooth_step_losses(losses_T: np.ndarray, batch_sizes_T: np.ndarray,
     return (sum_T[hi] - sum_T[lo]) / (count_T[hi] - count_T[lo])
 
 
-def _loss_crossing(result_like: Any, history: Mapping, target: float,
-                   window_examples: int) -> tuple[float, float] | None:
-    losses_T = _field(result_like, "step_losses")
-    if losses_T is None:
-        raise BatchjaxError("a training-loss target needs the run's per-step losses "
-                            "('step_losses'), which this result lacks")
-    losses_T = np.asarray(losses_T, np.float64)
+def _loss_crossing(run: Run, target: float, window_examples: int
+                   ) -> tuple[float, float] | None:
+    history = run.history
+    losses_T = np.asarray(run.step_losses, np.float64)
     finite = np.isfinite(losses_T)
     if not finite.all():  # a diverged run: only the steps before the first non-finite loss
         losses_T = losses_T[: int(np.argmin(finite))]
     if losses_T.size == 0:
         return None
-    batch_sizes_T = _field(result_like, "step_batch_sizes")
+    batch_sizes_T = run.step_batch_sizes
     steps_T1 = np.arange(losses_T.size + 1, dtype=np.float64)
-    if batch_sizes_T is not None and len(batch_sizes_T) >= losses_T.size:
+    if len(batch_sizes_T) >= losses_T.size:
         batch_sizes_T = np.asarray(batch_sizes_T, np.float64)[: losses_T.size]
         examples_T1 = np.concatenate([[0.0], np.cumsum(batch_sizes_T)])
     else:
@@ -185,7 +171,7 @@ def _loss_crossing(result_like: Any, history: Mapping, target: float,
     return _interpolate_crossing(steps_T1, examples_T1, i, fraction)
 
 
-def steps_to_target(result_like: Any, *, val_accuracy: float | None = None,
+def steps_to_target(run: Run, *, val_accuracy: float | None = None,
                     train_loss: float | None = None,
                     window_examples: int = LOSS_WINDOW_EXAMPLES) -> tuple[float, float] | None:
     """Optimizer steps and examples a run needed to first reach a target; None if it never did.
@@ -195,8 +181,9 @@ def steps_to_target(result_like: Any, *, val_accuracy: float | None = None,
     the per-step losses (see the module docstring for both choices).
 
     Args:
-      result_like: a `batchjax.TrainResult`, a loaded `batchjax.results.Run`, or a metrics
-        dict {"history": {...}, "step_losses": [...], optionally "step_batch_sizes": [...]}.
+      run: a `batchjax.run.Run`. A loss target reads its `step_losses` and
+        `step_batch_sizes` (without the latter, examples are interpolated from the history's
+        epoch ends), an accuracy target its `history`.
       val_accuracy: target validation accuracy (reached when >= it).
       train_loss: target training loss (reached when the smoothed loss is <= it).
       window_examples: examples spanned by the loss smoothing window.
@@ -205,37 +192,25 @@ def steps_to_target(result_like: Any, *, val_accuracy: float | None = None,
       (steps, examples) at the first crossing, both floats (interpolated), or None.
 
     Raises:
-      BatchjaxError: not exactly one target, or the result lacks what the target needs.
+      BatchjaxError: not exactly one target, or the run lacks what the target needs.
     """
     if (val_accuracy is None) == (train_loss is None):
         raise BatchjaxError("give exactly one target: val_accuracy=... or train_loss=...")
-    history = _field(result_like, "history")
     if val_accuracy is not None:
-        _check_history(history, ("steps", "examples_seen", "val_accuracy"))
-        return _accuracy_crossing(history, float(val_accuracy))
+        _check_history(run.history, ("steps", "examples_seen", "val_accuracy"))
+        return _accuracy_crossing(run.history, float(val_accuracy))
     if not (isinstance(window_examples, int) and window_examples >= 1):
         raise BatchjaxError(f"window_examples must be an integer >= 1, got {window_examples!r}")
-    return _loss_crossing(result_like, history, float(train_loss), window_examples)
+    return _loss_crossing(run, float(train_loss), window_examples)
 
 
-def _batch_size_and_seed(result_like: Any) -> tuple[int, int]:
-    config = _field(result_like, "config")
-    if config is not None:
-        return int(_field(config, "batch_size")), int(_field(config, "seed"))
-    batch_size, seed = _field(result_like, "batch_size"), _field(result_like, "seed")
-    if batch_size is None or seed is None:
-        raise BatchjaxError("a run must name its batch size and seed (a config, or "
-                            "'batch_size' and 'seed' fields as in metrics.json)")
-    return int(batch_size), int(seed)
-
-
-def steps_to_target_table(runs: Iterable[Any], *, val_accuracy: float | None = None,
+def steps_to_target_table(runs: Iterable[Run], *, val_accuracy: float | None = None,
                           train_loss: float | None = None,
                           window_examples: int = LOSS_WINDOW_EXAMPLES):
     """`steps_to_target` of many runs, as arrays over batch sizes and seeds.
 
     Args:
-      runs: TrainResults, Runs or metrics dicts, each with a batch size and a seed.
+      runs: `Run`s.
       val_accuracy, train_loss, window_examples: as for `steps_to_target`.
 
     Returns:
@@ -245,7 +220,7 @@ def steps_to_target_table(runs: Iterable[Any], *, val_accuracy: float | None = N
     """
     found = {}
     for run in runs:
-        found[_batch_size_and_seed(run)] = steps_to_target(
+        found[run.batch_size, run.seed] = steps_to_target(
             run, val_accuracy=val_accuracy, train_loss=train_loss,
             window_examples=window_examples)
     batch_sizes = np.asarray(sorted({b for b, _ in found}), np.int64)
@@ -468,139 +443,3 @@ def regimes(fit: CriticalFit, factor: float = REGIME_FACTOR) -> Regimes:
     if not factor > 1:
         raise BatchjaxError(f"factor must be > 1, got {factor}")
     return Regimes(fit.b_crit / factor, fit.b_crit * factor, float(factor))
-
-
-# --------------------------------------------------------------------------------------------
-# Figure
-
-
-def _number(value: float) -> str:
-    """Three significant digits, without the exponent notation of %g for thousands."""
-    return f"{value:.0f}" if 1e3 <= abs(value) < 1e7 else f"{value:.3g}"
-
-
-def _power_of_two_axis(axis) -> None:
-    from matplotlib import ticker  # plotting stays out of `import batchjax`
-    # Every power of two gets a plain-number tick (matplotlib thins them and writes 2^k).
-    axis.set_major_locator(ticker.LogLocator(base=2, subs=(1.0,), numticks=30))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(ticker.NullFormatter())
-
-
-def plot_steps_to_target(ax, batch_sizes: Sequence[float], steps: Any, fit: CriticalFit, *,
-                         b_simple: float | None = None, factor: float = REGIME_FACTOR,
-                         color: str = OKABE_ITO["blue"], label: str = "mean over seeds",
-                         ylabel: str = "steps to target", legend: bool = True) -> None:
-    """Steps to target against batch size on log2-log2 axes, with the fit and its regimes.
-
-    Per-seed points (hollow) and their means (filled), the fitted S(B) (solid), perfect
-    scaling through the smallest batch size's mean (dashed black), the three regimes shaded,
-    and vertical lines at B_crit and, when given, B_simple.
-
-    Args:
-      ax: matplotlib axes to draw on.
-      batch_sizes: [num_B].
-      steps: [num_B] or [num_B, num_seeds], NaN where not reached.
-      fit: the `CriticalFit` of these points.
-      b_simple: the measured simple noise scale averaged over training, or None.
-      factor: regime factor k (see `regimes`).
-      color: colour of the points.
-      label: legend label of the means.
-      ylabel: y-axis label.
-      legend: draw the legend.
-    """
-    b_K = np.asarray(batch_sizes, np.float64)
-    steps_KxS = np.asarray(steps, np.float64).reshape(b_K.size, -1)
-    lo, hi = b_K.min() / 2**0.5, b_K.max() * 2**0.5
-    if steps_KxS.shape[1] > 1:
-        b_rep = np.repeat(b_K[:, None], steps_KxS.shape[1], axis=1)
-        ax.scatter(b_rep.ravel(), steps_KxS.ravel(), s=16, facecolors="none",
-                   edgecolors=color, linewidths=0.6, alpha=0.6, label="per seed", zorder=3)
-    reached_K = np.isfinite(steps_KxS).any(axis=1)
-    mean_K = np.full(b_K.size, np.nan)
-    mean_K[reached_K] = np.nanmean(steps_KxS[reached_K], axis=1)
-    in_fit_K = np.isin(b_K, fit.batch_sizes)
-    ax.plot(b_K[in_fit_K], mean_K[in_fit_K], "o", color=color, ms=2.8, label=label, zorder=4)
-    left_out_K = reached_K & ~in_fit_K
-    if left_out_K.any():
-        ax.plot(b_K[left_out_K], mean_K[left_out_K], "x", color=color, ms=4, mew=0.8,
-                label="mean, not in fit", zorder=4)
-
-    grid = np.geomspace(lo, hi, 200)
-    first = int(np.argmax(reached_K))
-    ax.plot(grid, mean_K[first] * b_K[first] / grid, "--", color="black", lw=0.8,
-            label=r"perfect scaling, $S \propto 1/B$", zorder=2)
-    if fit.valid:
-        ax.plot(grid, fit.predict_steps(grid), "-", color=OKABE_ITO["vermillion"], lw=1.2,
-                label=rf"fit: $S_{{\min}}$ = {_number(fit.s_min)}, "
-                rf"$E_{{\min}}$ = {_number(fit.e_min)}",
-                zorder=3)
-        bounds = regimes(fit, factor)
-        edges = [(lo, bounds.perfect_scaling_max, "perfect_scaling", "perfect scaling"),
-                 (bounds.perfect_scaling_max, bounds.maximal_parallelism_min,
-                  "diminishing_returns", "diminishing returns"),
-                 (bounds.maximal_parallelism_min, hi, "maximal_data_parallelism",
-                  "max. data parallelism")]
-        for left, right, key, text in edges:
-            left, right = max(left, lo), min(right, hi)
-            if right > left:
-                ax.axvspan(left, right, color=REGIME_COLOURS[key], alpha=0.18, lw=0,
-                           label=text, zorder=0)
-        crit_text = rf"$B_{{\mathrm{{crit}}}}$ = {_number(fit.b_crit)}"
-        if fit.b_crit_stderr > 1e-6 * fit.b_crit:  # exact points give a rounding-error 1e-11
-            crit_text += rf" $\pm$ {fit.b_crit_stderr:.2g}"
-        if not lo <= fit.b_crit <= hi:
-            crit_text += " (off scale)"
-        ax.axvline(fit.b_crit, color=OKABE_ITO["vermillion"], ls=":", lw=1.2, label=crit_text,
-                   zorder=3)
-    if b_simple is not None and np.isfinite(b_simple):
-        ax.axvline(b_simple, color=OKABE_ITO["sky_blue"], ls="-.", lw=1.2,
-                   label=rf"$B_{{\mathrm{{simple}}}}$ = {_number(b_simple)}"
-                   + ("" if lo <= b_simple <= hi else " (off scale)"), zorder=3)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlim(lo, hi)
-    # The perfect-scaling line falls far below the data at large B; clip it to the data range.
-    bottom = np.nanmin(steps_KxS)
-    if fit.valid:
-        bottom = min(bottom, fit.predict_steps(hi))
-    ax.set_ylim(bottom / 1.6, np.nanmax(steps_KxS) * 1.6)
-    _power_of_two_axis(ax.xaxis)
-    _power_of_two_axis(ax.yaxis)
-    ax.set_xlabel("batch size B")
-    ax.set_ylabel(ylabel)
-    if legend:  # below the axes: inside, it would cover the points at either end
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False,
-                  handlelength=2.2, columnspacing=1.0)
-
-
-def figure_critical_batch(batch_sizes: Sequence[float], steps: Any,
-                          fit: CriticalFit | None = None, *, b_simple: float | None = None,
-                          dataset: str | None = None, target: str | None = None,
-                          factor: float = REGIME_FACTOR):
-    """A one-column figure of `plot_steps_to_target` (the fit is computed when not given).
-
-    Args:
-      batch_sizes, steps, b_simple, factor: as for `plot_steps_to_target`.
-      fit: a `CriticalFit` of the points, or None to fit them here.
-      dataset: dataset name for the title.
-      target: what was reached, for the y label, e.g. "val. accuracy 0.95".
-
-    Returns:
-      A matplotlib Figure, COLUMN_WIDTH_INCHES wide.
-    """
-    if fit is None:
-        fit = fit_critical_batch(batch_sizes, steps)
-    import matplotlib.pyplot as plt  # plotting stays out of `import batchjax`
-
-    with plt.rc_context({"font.size": 7, "axes.titlesize": 8, "axes.labelsize": 7,
-                         "xtick.labelsize": 6.5, "ytick.labelsize": 6.5,
-                         "legend.fontsize": 5.5, "axes.linewidth": 0.6}):
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_INCHES, 3.5), layout="constrained")
-        plot_steps_to_target(ax, batch_sizes, steps, fit, b_simple=b_simple, factor=factor,
-                             ylabel=f"steps to {target}" if target else "steps to target")
-        title = "Critical batch size"
-        if dataset:
-            title += f" ({dataset})"
-        ax.set_title(title)
-    return fig

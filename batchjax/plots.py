@@ -1,18 +1,24 @@
-"""Figures of a sweep, drawn from saved results only (`batchjax.results.load_sweep`).
+"""Figures of a sweep, drawn from its `batchjax.analysis.Analysis` (numbers) and saved runs.
 
-Each panel is a `plot_<thing>(ax, results, **kw)` that draws on given axes; each figure is a
-`figure_<name>(results) -> Figure` that composes panels under one style (`STYLE`, applied with
-`plt.rc_context`): 7-8 pt fonts for panels about 3.4 in wide (a paper column), the Okabe-Ito
-colour-blind-safe palette plus a marker per batch size (readable in grey), batch-size axes in
-log base 2, reference scalings as dashed black lines, legends outside the data, and the dataset
-named in every title. `save_figure` writes a vector PDF and a 300-dpi PNG, atomically.
+Each panel is a `plot_<thing>(ax, analysis, **kw)` that draws on given axes; each figure is a
+`figure_<name>(analysis) -> Figure` that composes panels under one style (`STYLE`, applied with
+`plt.rc_context`): 7-8 pt fonts for panels about 3.4 in wide (a paper column), one palette (the
+Okabe-Ito colour-blind-safe colours, `OKABE_ITO`) plus a marker per batch size (readable in
+grey), batch-size axes in log base 2, reference scalings as dashed black lines, legends outside
+the data, tick labels as plain numbers (260, 0.001, 2k: never 2.6e+02), and the dataset named
+in every title. `save_figure` writes a vector PDF and a 300-dpi PNG, atomically. Every
+statistic drawn (bands, error bars, fits, targets) comes from the analysis, the same values the
+report states; the panels add only raw per-step and per-epoch curves.
 
 Bands and error bars are ± 1 s.d. over seeds unless a panel says otherwise. Diverged runs are
 left out of means and marked where they stopped (a black x on the top edge, named in the
 legend), never plotted as numbers.
 
 1. `figure_curves`: per batch size, loss and accuracy vs epoch, training and validation.
-2. `figure_step_loss`: every step's training loss against examples seen, raw and smoothed.
+2. `figure_step_loss`: every step's training loss against examples seen, raw and smoothed; the
+   shared y-range covers the smoothed curves and reaches below them only as far as the raw
+   losses commonly go, at most 20x below the lowest smoothed value (`step_loss_ylim`), so that
+   rare near-zero minibatch losses (2e-7 at B = 8 on MNIST) do not squeeze the curves.
 3. `figure_validation`: validation loss and accuracy against epochs, steps and seconds.
 4. `figure_gradient_variance`: minibatch gradient variance against B: analytic (from tr(Sigma)
    with the finite-population correction), empirical points, 1/B reference.
@@ -22,17 +28,17 @@ legend), never plotted as numbers.
    size, next to the final training loss (the confound) and the generalisation gap.
 8. `figure_critical_batch`: steps to the training-loss target (and to the validation-accuracy
    target) against batch size, with the fit of McCandlish et al. eq. 2.11, its regimes, B_crit
-   and B_simple (`batchjax.critical.plot_steps_to_target`), when >= 3 batch sizes reached it.
+   and B_simple (`plot_steps_to_target`), when >= 3 batch sizes reached it.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import textwrap
 import os
 import pathlib
-from typing import Callable, Sequence
+import textwrap
+from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -41,14 +47,24 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from batchjax import critical, report
-from batchjax.results import Run, SweepResults, write_bytes_atomic
+from batchjax.analysis import (Analysis, Band, NoiseMoment, TargetAnalysis, analyse, band,
+                               epoch_seconds, minibatch_variance_curve, steps_per_epoch)
+from batchjax.critical import REGIME_FACTOR, CriticalFit, fit_critical_batch, regimes
+from batchjax.errors import BatchjaxError
+from batchjax.results import SweepResults, write_bytes_atomic
+from batchjax.run import Run
+from batchjax.stats import plain_number
 
-# Okabe & Ito (2008), "Color Universal Design"; yellow last, it is faint on white.
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000",
-           "#F0E442")
+# Okabe & Ito (2008), "Color Universal Design": the one palette of every figure.
+OKABE_ITO = {"blue": "#0072B2", "orange": "#E69F00", "bluish_green": "#009E73",
+             "vermillion": "#D55E00", "reddish_purple": "#CC79A7", "sky_blue": "#56B4E9",
+             "black": "#000000", "yellow": "#F0E442"}
+PALETTE = tuple(OKABE_ITO.values())  # batch sizes in this order; yellow last, faint on white
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-TRAIN_COLOR, VAL_COLOR, DIVERGED_COLOR = "#0072B2", "#D55E00", "black"
+TRAIN_COLOR, VAL_COLOR, DIVERGED_COLOR = OKABE_ITO["blue"], OKABE_ITO["vermillion"], "black"
+REGIME_COLOURS = {"perfect_scaling": OKABE_ITO["bluish_green"],
+                  "diminishing_returns": OKABE_ITO["yellow"],
+                  "maximal_data_parallelism": OKABE_ITO["reddish_purple"]}
 COLUMN_WIDTH, PAGE_WIDTH = 3.4, 7.0  # inches
 STYLE = {
     "font.family": "DejaVu Sans",
@@ -59,13 +75,40 @@ STYLE = {
     "lines.linewidth": 1.2, "lines.markersize": 3.5, "errorbar.capsize": 2,
     "legend.frameon": False, "legend.handlelength": 1.8,
     "axes.prop_cycle": cycler(color=PALETTE),
+    # Linear axes: plain numbers too, no "1e-3" multiplier or "+0.9" offset above the axis.
+    "axes.formatter.useoffset": False, "axes.formatter.limits": (-9, 9),
     "figure.dpi": 100, "savefig.dpi": 300, "pdf.fonttype": 42, "ps.fonttype": 42,
     "figure.constrained_layout.use": True,
 }
+# Figure 2's y-range reaches at most this factor below the lowest smoothed loss.
+STEP_LOSS_RANGE_BELOW = 20.0
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def tick_label(value: float) -> str:
+    """A tick label as a plain number: 260 (not 2.6e+02), 0.001 (not 1e-03), 1024, 0.0625."""
+    if value == 0:
+        return "0"
+    if value == round(value) and abs(value) < 1e15:
+        text = f"{value:.0f}"
+    else:
+        text = plain_number(value, 3)
+    return text.replace("-", "\N{MINUS SIGN}")
+
+
+def short_tick_label(value: float) -> str:
+    """As `tick_label`, thousands as 2k, 15k: labels that stay narrow."""
+    if abs(value) >= 1000:
+        return tick_label(value / 1000) + "k"
+    return tick_label(value)
+
+
+def _fit_number(value: float) -> str:
+    """Three significant digits; whole numbers from 1000 on (9662, not 9.66e+03)."""
+    return f"{value:.0f}" if 1e3 <= abs(value) < 1e7 else plain_number(value, 3)
 
 
 def batch_style(batch_size: int, batch_sizes: Sequence[int]) -> dict:
@@ -83,30 +126,21 @@ def _ok(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if not r.diverged]
 
 
-def _mean_sd(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    stack = np.vstack(arrays)
-    sd = stack.std(axis=0, ddof=1) if len(arrays) > 1 else np.zeros(stack.shape[1])
-    return stack.mean(axis=0), sd
+def _band(ax, curve: Band, *, color, label=None, linestyle="-", marker=None):
+    """The band's mean line and, with more than one seed, its spread shaded."""
+    ax.plot(curve.x, curve.mean, color=color, linestyle=linestyle, marker=marker, label=label,
+            markevery=max(1, len(curve.x) // 12) if marker else None)
+    if curve.n > 1:
+        ax.fill_between(curve.x, curve.low, curve.high, color=color, alpha=0.18, linewidth=0)
 
 
-def _band(ax, x, arrays, *, color, label=None, linestyle="-", marker=None, log=False):
-    """Mean line and ± 1 s.d. band over seeds; with `log`, the geometric mean and a x/÷ band
-    of one geometric s.d. (positive quantities spanning decades, shown on log axes)."""
-    if log:
-        logs = [np.log(np.maximum(np.asarray(a, float), np.finfo(float).tiny)) for a in arrays]
-        mean_log, sd_log = _mean_sd(logs)
-        mean, low, high = np.exp(mean_log), np.exp(mean_log - sd_log), np.exp(mean_log + sd_log)
-    else:
-        mean, sd = _mean_sd(arrays)
-        low, high = mean - sd, mean + sd
-    ax.plot(x, mean, color=color, linestyle=linestyle, marker=marker, label=label,
-            markevery=max(1, len(x) // 12) if marker else None)
-    if len(arrays) > 1:
-        ax.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0)
+def _history_band(runs: Sequence[Run], x: np.ndarray, key: str) -> Band:
+    """Mean ± s.d. over seeds of a history series (`batchjax.analysis.band`)."""
+    return band(x, [r.history[key] for r in runs])
 
 
 def _mark_diverged(ax, x: float) -> None:
-    """A red x on the top edge of `ax` at data-x `x`: where a run stopped with a NaN loss."""
+    """A black x on the top edge of `ax` at data-x `x`: where a run stopped with a NaN loss."""
     ax.plot([x], [1.0], marker="x", color=DIVERGED_COLOR, markersize=6, mew=1.5,
             transform=ax.get_xaxis_transform(), clip_on=False, linestyle="none", zorder=5)
 
@@ -116,23 +150,18 @@ def _diverged_handle(label: str = "diverged: run stopped here (top edge)") -> Li
                   mew=1.5, label=label)
 
 
-def _suptitle(fig: Figure, results: SweepResults, title: str, stat: str = "mean ± s.d.") -> None:
-    seeds = max((len(v) for v in results.by_batch_size().values()), default=0)
+def _suptitle(fig: Figure, analysis: Analysis, title: str, stat: str = "mean ± s.d.") -> None:
+    seeds = analysis.seeds
     spread = f"{stat} over {seeds} seeds" if seeds > 1 else "1 seed, no spread to show"
-    fig.suptitle(f"{title}\n{results.dataset_label()}; {spread}")
+    fig.suptitle(f"{title}\n{analysis.results.dataset_label()}; {spread}")
 
 
 def _log2_batch_axis(ax, batch_sizes: Sequence[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(batch_sizes))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
     ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.set_xlabel("batch size B")
-
-
-def _short(v: float) -> str:
-    """1, 0.05, 500, 2k, 15k: tick labels that stay narrow."""
-    return f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:.3g}"
 
 
 def _plain_log_ticks(axis, base: float = 10) -> None:
@@ -141,7 +170,14 @@ def _plain_log_ticks(axis, base: float = 10) -> None:
     narrow = base == 10 and 0 < low and high / low < 10
     subs = (1.0, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0) if base == 10 else (1.0,)
     axis.set_major_locator(LogLocator(base=base, subs=subs, numticks=12))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: short_tick_label(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _power_of_two_axis(axis) -> None:
+    # Every power of two gets a plain-number tick (matplotlib thins them and writes 2^k).
+    axis.set_major_locator(LogLocator(base=2, subs=(1.0,), numticks=30))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -162,40 +198,27 @@ def _figure_legend(fig: Figure, axes, extra: Sequence = (), ncol: int | None = N
                    ncol=ncol or min(len(handles), 4))
 
 
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over `window` points ('valid' part: len - window + 1 values)."""
-    window = max(1, min(int(window), len(values)))
-    return np.convolve(values, np.ones(window) / window, mode="valid")
-
-
-def smoothing_window(run: Run, examples: int | None = None) -> int:
-    """Steps covering `examples` examples (default 1/8 of an epoch), so all B smooth alike."""
-    n = int(run.dataset.get("num_train", 0)) or len(run.step_losses) * run.batch_size
-    examples = examples or max(1, n // 8)
-    return max(1, int(round(examples / run.batch_size)))
-
-
-def _any_diverged(results: SweepResults) -> bool:
-    return any(r.diverged for r in results.runs)
+def _any_diverged(analysis: Analysis) -> bool:
+    return bool(analysis.diverged)
 
 
 # --------------------------------------------------------------------------------------------
 # Panels
 
 
-def plot_epoch_curves(ax, results: SweepResults, *, batch_size: int, metric: str = "loss"):
+def plot_epoch_curves(ax, analysis: Analysis, *, batch_size: int, metric: str = "loss"):
     """Training and validation `metric` ("loss" or "accuracy") vs epoch at one batch size."""
-    runs = results.by_batch_size().get(batch_size, [])
+    runs = analysis.results.by_batch_size().get(batch_size, [])
     ok = _ok(runs)
     if ok:
         epochs = ok[0].history["epoch"]
         for split, color, style, marker, name in (("train", TRAIN_COLOR, "-", "o", "training"),
                                                   ("val", VAL_COLOR, "--", "s", "validation")):
-            _band(ax, epochs, [r.history[f"{split}_{metric}"] for r in ok], color=color,
+            _band(ax, _history_band(ok, epochs, f"{split}_{metric}"), color=color,
                   linestyle=style, marker=marker, label=name)
     for r in runs:
         if r.diverged:
-            spe = report.steps_per_epoch(r)
+            spe = steps_per_epoch(r)
             if len(r.history["epoch"]):
                 ax.plot(r.history["epoch"], r.history[f"train_{metric}"], color="0.6", lw=0.8)
             _mark_diverged(ax, (r.diverged_step + 1) / spe)
@@ -207,14 +230,16 @@ def plot_epoch_curves(ax, results: SweepResults, *, batch_size: int, metric: str
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
 
 
-def plot_step_loss(ax, results: SweepResults, *, batch_size: int | None = None,
+def plot_step_loss(ax, analysis: Analysis, *, batch_size: int | None = None,
                    raw: bool = True, smoothed: bool = True, ylim=None):
     """Every step's training loss against examples seen.
 
     With `batch_size`, that batch size's raw losses (first non-diverged seed, light) and the
     smoothed mean over seeds (dark); without it, the smoothed curves of every batch size.
-    Smoothing: a centred moving average over 1/8 epoch of examples at every B.
+    Smoothing: `analysis.step_loss`, a centred moving average over 1/8 epoch of examples at
+    every B, geometric mean ×/÷ geometric s.d. over seeds.
     """
+    results = analysis.results
     groups = results.by_batch_size()
     selected = [batch_size] if batch_size is not None else list(groups)
     for b in selected:
@@ -225,15 +250,12 @@ def plot_step_loss(ax, results: SweepResults, *, batch_size: int | None = None,
             ax.plot(r.examples_seen, r.step_losses, color=style["color"], alpha=0.35, lw=0.4,
                     label=f"raw (seed {r.seed})" if batch_size is not None else None,
                     rasterized=len(r.step_losses) > 2000)
-        if smoothed and ok:
-            w = smoothing_window(ok[0])
-            lengths = {len(r.step_losses) for r in ok}
-            if len(lengths) == 1 and w < min(lengths):
-                x = moving_average(ok[0].examples_seen.astype(float), w)
-                _band(ax, x, [moving_average(r.step_losses, w) for r in ok],
-                      color=style["color"] if batch_size is None else "black", log=True,
-                      label=batch_label(b, runs) if batch_size is None else
-                      f"moving average ({w} steps)")
+        curve = analysis.step_loss.get(b)
+        if smoothed and curve is not None and curve.smoothed is not None:
+            _band(ax, curve.smoothed,
+                  color=style["color"] if batch_size is None else "black",
+                  label=batch_label(b, runs) if batch_size is None else
+                  f"moving average ({curve.window} steps)")
         for r in runs:
             if r.diverged and batch_size is not None:
                 seen = float(np.sum(r.step_batch_sizes))
@@ -244,7 +266,7 @@ def plot_step_loss(ax, results: SweepResults, *, batch_size: int | None = None,
     if ylim is not None:
         ax.set_ylim(*ylim)
     _plain_log_ticks(ax.yaxis)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v) if v else "0"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: short_tick_label(v)))
     ax.set_xlabel("examples seen")
     ax.set_ylabel("training loss (per step)")
     if batch_size is not None:
@@ -253,37 +275,50 @@ def plot_step_loss(ax, results: SweepResults, *, batch_size: int | None = None,
         ax.set_title("smoothed, all batch sizes")
 
 
-def _step_loss_ylim(results: SweepResults):
-    finite = [r.step_losses[np.isfinite(r.step_losses)] for r in _ok(results.runs)]
+def step_loss_ylim(analysis: Analysis) -> tuple[float, float] | None:
+    """The y-range of figure 2, from the data.
+
+    Top: the higher of the raw losses' 99.9th percentile and the smoothed bands' top. Bottom:
+    the raw losses' 0.2nd percentile (the lowest over runs), but at most
+    `STEP_LOSS_RANGE_BELOW` times below the lowest smoothed band: where minibatch losses of a
+    fitted small batch fall towards zero, they leave the panel at its bottom instead of
+    squeezing every curve into its top. Both padded by a factor 1.5. None without data.
+    """
+    finite = [r.step_losses[np.isfinite(r.step_losses)] for r in _ok(analysis.results.runs)]
     finite = [f[f > 0] for f in finite if len(f)]
     if not finite:
         return None
     low = min(np.quantile(f, 0.002) for f in finite)
     high = max(np.quantile(f, 0.999) for f in finite)
+    bands = [c.smoothed for c in analysis.step_loss.values() if c.smoothed is not None]
+    if bands:
+        low = max(low, min(float(np.min(b.low)) for b in bands) / STEP_LOSS_RANGE_BELOW)
+        high = max(high, max(float(np.max(b.high)) for b in bands))
     return low / 1.5, high * 1.5
 
 
-def plot_validation(ax, results: SweepResults, *, metric: str = "accuracy", x: str = "epoch"):
+def plot_validation(ax, analysis: Analysis, *, metric: str = "accuracy", x: str = "epoch"):
     """Validation `metric` of every batch size against `x`: "epoch", "steps" or "seconds".
 
-    Seconds are cumulative training + validation time (compilation excluded) of the seeds'
-    vmapped group.
+    Seconds are cumulative training + validation time (compilation excluded) of the runs'
+    training group.
     """
+    results = analysis.results
     for b, runs in results.by_batch_size().items():
         ok = _ok(runs)
         style = batch_style(b, results.batch_sizes)
         if ok:
             if x == "seconds":
-                xs = np.mean([np.cumsum(report.epoch_seconds(r)) for r in ok], axis=0)
+                xs = np.mean([np.cumsum(epoch_seconds(r)) for r in ok], axis=0)
             else:
                 xs = ok[0].history["steps" if x == "steps" else "epoch"]
-            _band(ax, xs, [r.history[f"val_{metric}"] for r in ok], color=style["color"],
+            _band(ax, _history_band(ok, xs, f"val_{metric}"), color=style["color"],
                   marker=style["marker"], label=batch_label(b, runs))
         for r in runs:
             if r.diverged:
-                spe = report.steps_per_epoch(r)
+                spe = steps_per_epoch(r)
                 where = {"epoch": (r.diverged_step + 1) / spe, "steps": r.diverged_step + 1,
-                         "seconds": float(np.sum(report.epoch_seconds(r)))}[x]
+                         "seconds": float(np.sum(epoch_seconds(r)))}[x]
                 if where > 0:
                     _mark_diverged(ax, where)
     if x in ("steps", "seconds"):
@@ -296,78 +331,53 @@ def plot_validation(ax, results: SweepResults, *, metric: str = "accuracy", x: s
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
 
 
-def _trace_from_record(rec: dict) -> tuple[float, int] | None:
-    """tr(Sigma_pop) and the probe size N, read back from a record's minibatch variances.
-
-    Inverting var(B) = tr / B * (N - B) / (N - 1) keeps the curve consistent with the values
-    the noise module computed, whatever divisor its tr(Sigma) uses.
-    """
-    n = int(rec.get("probe_size") or 0)
-    for key, v in (rec.get("minibatch_variance") or {}).items():
-        b = int(key)
-        if v is not None and n > b:
-            return float(v) * b * (n - 1) / (n - b), n
-    if rec.get("trace_cov") is not None and n > 1:
-        return float(rec["trace_cov"]), n
-    return None
+def _moment(analysis: Analysis, epoch: float) -> NoiseMoment:
+    for m in analysis.noise_moments:
+        if m.epoch == epoch:
+            return m
+    raise BatchjaxError(f"no gradient-noise moment at epoch {epoch:g} in this analysis; its "
+                        f"moments are {[m.epoch for m in analysis.noise_moments]}")
 
 
-def minibatch_variance_curve(trace: float, num_examples: int, batch_sizes: np.ndarray):
-    """tr(Sigma) / B * (N - B) / (N - 1): sampling B of N examples without replacement."""
-    b = np.asarray(batch_sizes, float)
-    return trace / b * (num_examples - b) / (num_examples - 1)
-
-
-def plot_gradient_variance(ax, results: SweepResults, *, epoch: float):
+def plot_gradient_variance(ax, analysis: Analysis, *, epoch: float):
     """Minibatch gradient variance E|G_B - G|^2 against B at one moment of training.
 
     Lines: the analytic variance from each batch size's run (mean over seeds), for every B up to
     N/2 of the probe set; points: the empirical mean of |G_B - G|^2 over sampled minibatches at
     the run's own batch size, error bars its standard error (combined over seeds); dashed: 1/B.
     """
-    groups = results.by_batch_size()
+    moment = _moment(analysis, epoch)
+    groups = analysis.results.by_batch_size()
     top, n_probe = [], None
     for b, runs in groups.items():
-        style = batch_style(b, results.batch_sizes)
-        traces, emp, emp_se, emp_b = [], [], [], None
-        for r in _ok(runs) or runs:
-            rec = report.record_at(r, epoch)
-            if rec is None:
-                continue
-            t = _trace_from_record(rec)
-            if t is not None:
-                traces.append(t[0])
-                n_probe = t[1]
-            e = rec.get("empirical") or {}
-            if e.get("mean") is not None:
-                emp.append(float(e["mean"]))
-                emp_se.append(float(e.get("stderr") or 0.0))
-                emp_b = int(e.get("batch_size", b))
-        if traces and n_probe:
+        style = batch_style(b, analysis.results.batch_sizes)
+        at = moment.by_batch_size[b]
+        n_probe = at.probe_size or n_probe
+        if at.trace is not None and n_probe:
             grid = np.unique(np.round(np.logspace(0, math.log2(n_probe / 2), 64, base=2)))
-            curve = minibatch_variance_curve(float(np.mean(traces)), n_probe, grid)
+            curve = minibatch_variance_curve(at.trace, n_probe, grid)
             ax.plot(grid, curve, color=style["color"], lw=1.0, label=batch_label(b, runs))
             top.append(curve[0])
-        if emp:
-            se = math.sqrt(np.sum(np.square(emp_se))) / len(emp_se)
-            ax.errorbar([emp_b], [np.mean(emp)], yerr=[se], color=style["color"],
-                        marker=style["marker"], markersize=5, mfc="white", mew=1.2,
-                        linestyle="none", zorder=4)
+        if at.empirical_mean is not None:
+            ax.errorbar([at.empirical_batch_size], [at.empirical_mean], yerr=[at.empirical_se],
+                        color=style["color"], marker=style["marker"], markersize=5,
+                        mfc="white", mew=1.2, linestyle="none", zorder=4)
     if top and n_probe:
         ref_b = np.array([1.0, n_probe / 2])
         anchor = 2.0 * max(top)  # above the curves, so it does not hide them
         ax.plot(ref_b, anchor / ref_b, "k--", lw=0.9, label="∝ 1/B (reference)")
         ax.set_xlim(0.8, n_probe / 2 * 1.25)
-    ax.set_yscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(LogLocator(base=2, numticks=8))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_major_locator(LogLocator(base=2, numticks=7))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
+    # Decades: 0.001, 0.01, ... read better than powers of two below 1 (0.00195).
+    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=7))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("batch size B")
     ax.set_ylabel(r"E$|G_B - G|^2$")
-    ax.set_title(report._moment_name(epoch))
+    ax.set_title(moment.name)
 
 
 NOISE_QUANTITIES = {  # quantity: (axis label, panel title)
@@ -377,24 +387,17 @@ NOISE_QUANTITIES = {  # quantity: (axis label, panel title)
 }
 
 
-def plot_noise_over_training(ax, results: SweepResults, *, quantity: str = "noise_scale"):
+def plot_noise_over_training(ax, analysis: Analysis, *, quantity: str = "noise_scale"):
     """One noise statistic (`NOISE_QUANTITIES`) over training for every batch size, log scale."""
-    for b, runs in results.by_batch_size().items():
-        style = batch_style(b, results.batch_sizes)
-        series = []
-        for r in _ok(runs):
-            n = int(r.dataset.get("num_train", 0)) or 1
-            recs = [rec for rec in r.noise if rec.get(quantity) is not None]
-            if recs:
-                series.append((np.array([rec["examples_seen"] / n for rec in recs]),
-                               np.array([float(rec[quantity]) for rec in recs])))
-        lengths = {len(s[0]) for s in series}
-        if series and len(lengths) == 1:
-            _band(ax, series[0][0], [s[1] for s in series], color=style["color"],
-                  marker=style["marker"], label=batch_label(b, runs), log=True)
+    for b, runs in analysis.results.by_batch_size().items():
+        style = batch_style(b, analysis.results.batch_sizes)
+        series = analysis.noise_series[quantity].get(b)
+        if series is not None:
+            _band(ax, series, color=style["color"], marker=style["marker"],
+                  label=batch_label(b, runs))
         for r in runs:
             if r.diverged:
-                _mark_diverged(ax, (r.diverged_step + 1) / report.steps_per_epoch(r))
+                _mark_diverged(ax, (r.diverged_step + 1) / steps_per_epoch(r))
         if quantity == "noise_scale":
             ax.axhline(b, color=style["color"], lw=0.7, ls=":", zorder=0)
     ax.set_yscale("log")
@@ -405,11 +408,11 @@ def plot_noise_over_training(ax, results: SweepResults, *, quantity: str = "nois
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
 
 
-def _per_batch(results: SweepResults, key: str):
-    """(batch sizes, means, s.d.s, all-diverged batch sizes) of a `report.run_stats` quantity."""
+def _per_batch(analysis: Analysis, key: str):
+    """(batch sizes, means, s.d.s, all-diverged batch sizes) of a summary quantity."""
     bs, means, sds, dead = [], [], [], []
-    for b, runs in results.by_batch_size().items():
-        est = report.Estimate.of([report.run_stats(r)[key] for r in runs])
+    for b, row in analysis.summary.items():
+        est = row[key]
         if est.n:
             bs.append(b)
             means.append(est.mean)
@@ -419,33 +422,35 @@ def _per_batch(results: SweepResults, key: str):
     return np.array(bs), np.array(means), np.array(sds), dead
 
 
-def _errorbars(ax, results: SweepResults, bs, means, sds, dead):
+def _errorbars(ax, analysis: Analysis, bs, means, sds, dead):
+    groups = analysis.results.by_batch_size()
     ax.plot(bs, means, color="0.5", lw=0.8, zorder=1)
     for b, m, s in zip(bs, means, sds):
-        style = batch_style(int(b), results.batch_sizes)
+        style = batch_style(int(b), analysis.batch_sizes)
         ax.errorbar([b], [m], yerr=[s], color=style["color"], marker=style["marker"],
                     markersize=5, linestyle="none", zorder=3,
-                    label=batch_label(int(b), results.by_batch_size()[int(b)]))
+                    label=batch_label(int(b), groups[int(b)]))
     for b in dead:
         _mark_diverged(ax, b)
 
 
-def plot_roughness(ax, results: SweepResults, *, relative: bool = False):
-    """Roughness of the per-step loss (`report.compute_roughness`) against batch size.
+def plot_roughness(ax, analysis: Analysis, *, relative: bool = False):
+    """Roughness of the per-step loss (`analysis.compute_roughness`) against batch size.
 
     `relative=True` plots R / mean loss (level-free) instead of R in loss units. Dashed: a
     B^(-1/2) slope through the smallest batch size, what minibatch sampling of the loss alone
     gives at a fixed loss level.
     """
-    bs, means, sds, dead = _per_batch(results, "roughness_relative" if relative else "roughness")
-    _errorbars(ax, results, bs, means, sds, dead)
+    bs, means, sds, dead = _per_batch(analysis,
+                                      "roughness_relative" if relative else "roughness")
+    _errorbars(ax, analysis, bs, means, sds, dead)
     if len(bs):
         ref = np.array([bs[0], max(bs[-1], bs[0] * 2)], float)
         ax.plot(ref, means[0] * np.sqrt(bs[0] / ref), "k--", lw=0.9,
                 label=r"$\propto B^{-1/2}$ (minibatch sampling)")
     ax.set_yscale("log")
     _plain_log_ticks(ax.yaxis)
-    _log2_batch_axis(ax, results.batch_sizes)
+    _log2_batch_axis(ax, analysis.batch_sizes)
     if relative:
         ax.set_ylabel("R / mean loss")
         ax.set_title("relative roughness (log-scale view)")
@@ -454,13 +459,13 @@ def plot_roughness(ax, results: SweepResults, *, relative: bool = False):
         ax.set_title("roughness in loss units")
 
 
-def plot_gap(ax, results: SweepResults, *, metric: str = "loss"):
+def plot_gap(ax, analysis: Analysis, *, metric: str = "loss"):
     """Final generalisation gap against batch size: val - train loss, or train - val accuracy."""
     key = "gap_loss" if metric == "loss" else "gap_accuracy"
-    bs, means, sds, dead = _per_batch(results, key)
-    _errorbars(ax, results, bs, means, sds, dead)
+    bs, means, sds, dead = _per_batch(analysis, key)
+    _errorbars(ax, analysis, bs, means, sds, dead)
     ax.axhline(0, color="black", lw=0.6)
-    _log2_batch_axis(ax, results.batch_sizes)
+    _log2_batch_axis(ax, analysis.batch_sizes)
     ax.set_ylabel("val - train loss" if metric == "loss" else "train - val accuracy")
     ax.set_title(f"generalisation gap ({metric})")
 
@@ -472,14 +477,14 @@ SHARPNESS_QUANTITIES = {  # run_stats key: (axis label, panel title)
 }
 
 
-def plot_sharpness(ax, results: SweepResults, *, quantity: str = "lambda_max"):
+def plot_sharpness(ax, analysis: Analysis, *, quantity: str = "lambda_max"):
     """A `SHARPNESS_QUANTITIES` quantity at the end of training against batch size, log scale.
 
     Points are means ± 1 s.d. over seeds; a batch size whose every run diverged (so was not
     measured) is marked on the top edge.
     """
-    bs, means, sds, dead = _per_batch(results, quantity)
-    _errorbars(ax, results, bs, means, sds, dead)
+    bs, means, sds, dead = _per_batch(analysis, quantity)
+    _errorbars(ax, analysis, bs, means, sds, dead)
     ax.set_yscale("log")
     if len(means) and np.all(means > 0):
         low = np.min(np.where(means - sds > 0, means - sds, means))
@@ -490,18 +495,19 @@ def plot_sharpness(ax, results: SweepResults, *, quantity: str = "lambda_max"):
     low, high = sorted(ax.get_ylim())
     if 0 < low and high / low < 3:  # within half a decade: a tick at every 1..9 x 10^k
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=np.arange(1.0, 10.0), numticks=12))
-    _log2_batch_axis(ax, results.batch_sizes)
+    _log2_batch_axis(ax, analysis.batch_sizes)
     ax.set_ylabel(SHARPNESS_QUANTITIES[quantity][0])
     ax.set_title(SHARPNESS_QUANTITIES[quantity][1])
 
 
-def plot_gap_against_sharpness(ax, results: SweepResults):
+def plot_gap_against_sharpness(ax, analysis: Analysis):
     """The final loss gap against lambda_max, one point per run, coloured by batch size."""
-    for b, runs in results.by_batch_size().items():
-        style = batch_style(b, results.batch_sizes)
-        stats = [report.run_stats(r) for r in _ok(runs)]
-        pts = [(s["lambda_max"], s["gap_loss"]) for s in stats
-               if np.isfinite(s["lambda_max"]) and np.isfinite(s["gap_loss"])]
+    pairs = list(zip(analysis.results.runs, analysis.run_stats))
+    for b in analysis.batch_sizes:
+        style = batch_style(b, analysis.batch_sizes)
+        pts = [(s["lambda_max"], s["gap_loss"]) for r, s in pairs
+               if r.batch_size == b and not r.diverged
+               and np.isfinite(s["lambda_max"]) and np.isfinite(s["gap_loss"])]
         if pts:
             x, y = np.asarray(pts).T
             ax.plot(x, y, linestyle="none", color=style["color"], marker=style["marker"],
@@ -513,40 +519,126 @@ def plot_gap_against_sharpness(ax, results: SweepResults):
     ax.set_title("gap against sharpness, per run")
 
 
+def plot_steps_to_target(ax, batch_sizes: Sequence[float], steps: Any, fit: CriticalFit, *,
+                         b_simple: float | None = None, factor: float = REGIME_FACTOR,
+                         color: str = OKABE_ITO["blue"], label: str = "mean over seeds",
+                         ylabel: str = "steps to target", legend: bool = True) -> None:
+    """Steps to target against batch size on log2-log2 axes, with the fit and its regimes.
+
+    Per-seed points (hollow) and their means (filled), the fitted S(B) (solid), perfect
+    scaling through the smallest batch size's mean (dashed black), the three regimes shaded,
+    and vertical lines at B_crit and, when given, B_simple.
+
+    Args:
+      ax: matplotlib axes to draw on.
+      batch_sizes: [num_B].
+      steps: [num_B] or [num_B, num_seeds], NaN where not reached.
+      fit: the `batchjax.critical.CriticalFit` of these points.
+      b_simple: the measured simple noise scale averaged over training, or None.
+      factor: regime factor k (`batchjax.critical.regimes`).
+      color: colour of the points.
+      label: legend label of the means.
+      ylabel: y-axis label.
+      legend: draw the legend.
+    """
+    b_K = np.asarray(batch_sizes, np.float64)
+    steps_KxS = np.asarray(steps, np.float64).reshape(b_K.size, -1)
+    lo, hi = b_K.min() / 2**0.5, b_K.max() * 2**0.5
+    if steps_KxS.shape[1] > 1:
+        b_rep = np.repeat(b_K[:, None], steps_KxS.shape[1], axis=1)
+        ax.scatter(b_rep.ravel(), steps_KxS.ravel(), s=16, facecolors="none",
+                   edgecolors=color, linewidths=0.6, alpha=0.6, label="per seed", zorder=3)
+    reached_K = np.isfinite(steps_KxS).any(axis=1)
+    mean_K = np.full(b_K.size, np.nan)
+    mean_K[reached_K] = np.nanmean(steps_KxS[reached_K], axis=1)
+    in_fit_K = np.isin(b_K, fit.batch_sizes)
+    ax.plot(b_K[in_fit_K], mean_K[in_fit_K], "o", color=color, ms=2.8, label=label, zorder=4)
+    left_out_K = reached_K & ~in_fit_K
+    if left_out_K.any():
+        ax.plot(b_K[left_out_K], mean_K[left_out_K], "x", color=color, ms=4, mew=0.8,
+                label="mean, not in fit", zorder=4)
+
+    grid = np.geomspace(lo, hi, 200)
+    first = int(np.argmax(reached_K))
+    ax.plot(grid, mean_K[first] * b_K[first] / grid, "--", color="black", lw=0.8,
+            label=r"perfect scaling, $S \propto 1/B$", zorder=2)
+    if fit.valid:
+        ax.plot(grid, fit.predict_steps(grid), "-", color=OKABE_ITO["vermillion"], lw=1.2,
+                label=rf"fit: $S_{{\min}}$ = {_fit_number(fit.s_min)}, "
+                rf"$E_{{\min}}$ = {_fit_number(fit.e_min)}",
+                zorder=3)
+        bounds = regimes(fit, factor)
+        edges = [(lo, bounds.perfect_scaling_max, "perfect_scaling", "perfect scaling"),
+                 (bounds.perfect_scaling_max, bounds.maximal_parallelism_min,
+                  "diminishing_returns", "diminishing returns"),
+                 (bounds.maximal_parallelism_min, hi, "maximal_data_parallelism",
+                  "max. data parallelism")]
+        for left, right, key, text in edges:
+            left, right = max(left, lo), min(right, hi)
+            if right > left:
+                ax.axvspan(left, right, color=REGIME_COLOURS[key], alpha=0.18, lw=0,
+                           label=text, zorder=0)
+        crit_text = rf"$B_{{\mathrm{{crit}}}}$ = {_fit_number(fit.b_crit)}"
+        if fit.b_crit_stderr > 1e-6 * fit.b_crit:  # exact points give a rounding-error 1e-11
+            crit_text += rf" $\pm$ {plain_number(fit.b_crit_stderr, 2)}"
+        if not lo <= fit.b_crit <= hi:
+            crit_text += " (off scale)"
+        ax.axvline(fit.b_crit, color=OKABE_ITO["vermillion"], ls=":", lw=1.2, label=crit_text,
+                   zorder=3)
+    if b_simple is not None and np.isfinite(b_simple):
+        ax.axvline(b_simple, color=OKABE_ITO["sky_blue"], ls="-.", lw=1.2,
+                   label=rf"$B_{{\mathrm{{simple}}}}$ = {_fit_number(b_simple)}"
+                   + ("" if lo <= b_simple <= hi else " (off scale)"), zorder=3)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlim(lo, hi)
+    # The perfect-scaling line falls far below the data at large B; clip it to the data range.
+    bottom = np.nanmin(steps_KxS)
+    if fit.valid:
+        bottom = min(bottom, fit.predict_steps(hi))
+    ax.set_ylim(bottom / 1.6, np.nanmax(steps_KxS) * 1.6)
+    _power_of_two_axis(ax.xaxis)
+    _power_of_two_axis(ax.yaxis)
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(ylabel)
+    if legend:  # below the axes: inside, it would cover the points at either end
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False,
+                  handlelength=2.2, columnspacing=1.0)
+
 
 # --------------------------------------------------------------------------------------------
 # Figures
 
 
-def figure_curves(results: SweepResults, batch_size: int) -> Figure:
+def figure_curves(analysis: Analysis, batch_size: int) -> Figure:
     """Figure 1, the original's figure at one batch size: loss and accuracy vs epoch."""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.7))
-        plot_epoch_curves(axes[0], results, batch_size=batch_size, metric="loss")
-        plot_epoch_curves(axes[1], results, batch_size=batch_size, metric="accuracy")
-        runs = results.by_batch_size().get(batch_size, [])
+        plot_epoch_curves(axes[0], analysis, batch_size=batch_size, metric="loss")
+        plot_epoch_curves(axes[1], analysis, batch_size=batch_size, metric="accuracy")
+        runs = analysis.results.by_batch_size().get(batch_size, [])
         dead = [f"seed {r.seed} at step {r.diverged_step} (epoch "
-                f"{r.diverged_step // report.steps_per_epoch(r) + 1})" for r in runs if r.diverged]
+                f"{r.diverged_step // steps_per_epoch(r) + 1})" for r in runs if r.diverged]
         extra = [_diverged_handle("diverged: " + ", ".join(dead))] if dead else []
         _figure_legend(fig, axes, extra)
-        _suptitle(fig, results, f"Training and validation curves, batch size {batch_size}")
+        _suptitle(fig, analysis, f"Training and validation curves, batch size {batch_size}")
     return fig
 
 
-def figure_step_loss(results: SweepResults) -> Figure:
+def figure_step_loss(analysis: Analysis) -> Figure:
     """Figure 2: every step's training loss, one panel per batch size plus all smoothed."""
-    groups = results.by_batch_size()
+    groups = analysis.results.by_batch_size()
     n = len(groups) + 1
     ncols = 2
     nrows = math.ceil(n / ncols)
-    ylim = _step_loss_ylim(results)
+    ylim = step_loss_ylim(analysis)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH, 2.3 * nrows + 0.6),
                                  sharex=True, sharey=True, squeeze=False)
         flat = axes.ravel()
         for ax, b in zip(flat, groups):
-            plot_step_loss(ax, results, batch_size=b, ylim=ylim)
-        plot_step_loss(flat[len(groups)], results, ylim=ylim, raw=False)
+            plot_step_loss(ax, analysis, batch_size=b, ylim=ylim)
+        plot_step_loss(flat[len(groups)], analysis, ylim=ylim, raw=False)
         for ax in flat[n:]:
             ax.set_visible(False)
         for ax in flat[:n]:
@@ -555,41 +647,41 @@ def figure_step_loss(results: SweepResults) -> Figure:
         handles = [Line2D([], [], color="0.5", alpha=0.5, lw=0.8, label="raw loss, one seed"),
                    Line2D([], [], color="black", lw=1.2, label="moving average over 1/8 epoch, "
                           "geometric mean over seeds")]
-        handles += [Line2D([], [], color=batch_style(b, results.batch_sizes)["color"],
+        handles += [Line2D([], [], color=batch_style(b, analysis.batch_sizes)["color"],
                            label=batch_label(b, groups[b])) for b in groups]
-        if _any_diverged(results):
+        if _any_diverged(analysis):
             handles.append(_diverged_handle())
         fig.legend(handles=handles, loc="outside lower center", ncol=3)
-        _suptitle(fig, results, "Per-step training loss: smaller batches give choppier curves",
+        _suptitle(fig, analysis, "Per-step training loss: smaller batches give choppier curves",
                   stat="smoothed: geometric mean ×/÷ geometric s.d.")
     return fig
 
 
-def figure_validation(results: SweepResults) -> Figure:
+def figure_validation(analysis: Analysis) -> Figure:
     """Figure 3: validation loss and accuracy against epochs, optimizer steps and seconds."""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 3, figsize=(PAGE_WIDTH, 4.4), sharey="row")
         for j, x in enumerate(("epoch", "steps", "seconds")):
             for i, metric in enumerate(("loss", "accuracy")):
-                plot_validation(axes[i, j], results, metric=metric, x=x)
+                plot_validation(axes[i, j], analysis, metric=metric, x=x)
                 if j:
                     axes[i, j].set_ylabel("")
-        extra = [_diverged_handle()] if _any_diverged(results) else []
+        extra = [_diverged_handle()] if _any_diverged(analysis) else []
         _figure_legend(fig, axes, extra)
-        _suptitle(fig, results, "Validation progress per epoch, per step and per second")
+        _suptitle(fig, analysis, "Validation progress per epoch, per step and per second")
     return fig
 
 
-def figure_gradient_variance(results: SweepResults) -> Figure:
+def figure_gradient_variance(analysis: Analysis) -> Figure:
     """Figure 4: minibatch gradient variance against B at several moments of training."""
-    moments = report.noise_moments(results)
+    moments = [m.epoch for m in analysis.noise_moments]
     with plt.rc_context(STYLE):
         ncols = min(2, len(moments))
         nrows = math.ceil(len(moments) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH, 2.5 * nrows + 0.7),
                                  sharex=True, squeeze=False)
         for ax, epoch in zip(axes.ravel(), moments):
-            plot_gradient_variance(ax, results, epoch=epoch)
+            plot_gradient_variance(ax, analysis, epoch=epoch)
             ax.label_outer(remove_inner_ticks=False)
             ax.yaxis.set_tick_params(labelleft=True)
         for ax in axes.ravel()[len(moments):]:
@@ -598,67 +690,67 @@ def figure_gradient_variance(results: SweepResults) -> Figure:
                        label="empirical, own B (± SE)")
         line = Line2D([], [], color="0.3", lw=1.0, label="analytic tr(Σ)/B·(N−B)/(N−1)")
         _figure_legend(fig, axes, [line, point], ncol=3)
-        _suptitle(fig, results, "Minibatch gradient variance against batch size (lines: each "
+        _suptitle(fig, analysis, "Minibatch gradient variance against batch size (lines: each "
                   "B's run, analytic; points: measured)", stat="mean (points ± SE)")
     return fig
 
 
-def figure_noise_over_training(results: SweepResults) -> Figure:
+def figure_noise_over_training(analysis: Analysis) -> Figure:
     """Figure 5: |G|^2, tr(Sigma) and B_simple over training for each batch size."""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 3, figsize=(PAGE_WIDTH, 2.6))
         for ax, q in zip(axes, NOISE_QUANTITIES):
-            plot_noise_over_training(ax, results, quantity=q)
+            plot_noise_over_training(ax, analysis, quantity=q)
         extra = [Line2D([], [], color="0.4", ls=":", lw=0.7,
                         label="dotted: each run's own B (right panel)")]
-        if _any_diverged(results):
+        if _any_diverged(analysis):
             extra.append(_diverged_handle())
         _figure_legend(fig, axes, extra, ncol=4)
-        _suptitle(fig, results, "Gradient signal, noise and the noise scale over training",
+        _suptitle(fig, analysis, "Gradient signal, noise and the noise scale over training",
                   stat="geometric mean ×/÷ geometric s.d.")
     return fig
 
 
-def figure_roughness_gap(results: SweepResults) -> Figure:
+def figure_roughness_gap(analysis: Analysis) -> Figure:
     """Figure 6: curve roughness and final generalisation gap against batch size."""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 2, figsize=(PAGE_WIDTH, 4.6))
-        plot_roughness(axes[0, 0], results)
-        plot_roughness(axes[0, 1], results, relative=True)
-        plot_gap(axes[1, 0], results, metric="loss")
-        plot_gap(axes[1, 1], results, metric="accuracy")
-        extra = [_diverged_handle()] if _any_diverged(results) else []
+        plot_roughness(axes[0, 0], analysis)
+        plot_roughness(axes[0, 1], analysis, relative=True)
+        plot_gap(axes[1, 0], analysis, metric="loss")
+        plot_gap(axes[1, 1], analysis, metric="accuracy")
+        extra = [_diverged_handle()] if _any_diverged(analysis) else []
         _figure_legend(fig, axes, extra)
-        _suptitle(fig, results, "Roughness of the per-step loss and generalisation gap at the "
+        _suptitle(fig, analysis, "Roughness of the per-step loss and generalisation gap at the "
                   "end of training")
     return fig
 
 
-def figure_sharpness_gap(results: SweepResults) -> Figure:
+def figure_sharpness_gap(analysis: Analysis) -> Figure:
     """Figure 7: sharpness and generalisation gap at the end of training against batch size."""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 3, figsize=(PAGE_WIDTH, 4.8))
         for ax, q in zip(axes[0], SHARPNESS_QUANTITIES):
-            plot_sharpness(ax, results, quantity=q)
-        plot_gap(axes[1, 0], results, metric="loss")
-        plot_gap(axes[1, 1], results, metric="accuracy")
-        plot_gap_against_sharpness(axes[1, 2], results)
-        if len(results.batch_sizes) > 6:  # a third of a page is too narrow for every label
-            shown = set(results.batch_sizes[::2])
+            plot_sharpness(ax, analysis, quantity=q)
+        plot_gap(axes[1, 0], analysis, metric="loss")
+        plot_gap(axes[1, 1], analysis, metric="accuracy")
+        plot_gap_against_sharpness(axes[1, 2], analysis)
+        if len(analysis.batch_sizes) > 6:  # a third of a page is too narrow for every label
+            shown = set(analysis.batch_sizes[::2])
             for ax in axes.ravel()[:5]:
                 ax.xaxis.set_major_formatter(FuncFormatter(
-                    lambda v, _: f"{v:g}" if int(round(v)) in shown else ""))
+                    lambda v, _: tick_label(v) if int(round(v)) in shown else ""))
         extra = [_diverged_handle("diverged: not measured (top edge)")] \
-            if _any_diverged(results) else []
+            if _any_diverged(analysis) else []
         _figure_legend(fig, axes, extra)
-        records = [r.sharpness for r in results.runs if r.sharpness]
-        probe = f"{records[0]['num_examples']:,} training examples" if records else "?"
-        _suptitle(fig, results, f"Sharpness at the end of training (Hessian on {probe}) and "
+        probe = analysis.sharpness.probe_examples
+        probe = f"{probe:,} training examples" if probe else "?"
+        _suptitle(fig, analysis, f"Sharpness at the end of training (Hessian on {probe}) and "
                   "generalisation gap, at equal epochs")
     return fig
 
 
-def _plot_unfitted_target(ax, target: "report.TargetAnalysis") -> None:
+def _plot_unfitted_target(ax, target: TargetAnalysis) -> None:
     """The mean steps to a target that has no fit, and why there is none."""
     steps = np.where(target.steps > 0, target.steps, np.nan) if target.steps.size else None
     if steps is not None and np.isfinite(steps).any():
@@ -673,8 +765,8 @@ def _plot_unfitted_target(ax, target: "report.TargetAnalysis") -> None:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
     ax.text(0.5, 0.5, "no fit: " + textwrap.fill(target.note or "", 45), ha="center",
             va="center", transform=ax.transAxes, fontsize=7,
             bbox={"facecolor": "white", "edgecolor": "0.6", "lw": 0.5})
@@ -682,19 +774,18 @@ def _plot_unfitted_target(ax, target: "report.TargetAnalysis") -> None:
     ax.set_ylabel(f"steps to {target.label}")
 
 
-def figure_critical_batch(results: SweepResults,
-                          analysis: "report.CriticalAnalysis | None" = None) -> Figure | None:
+def figure_critical_batch(analysis: Analysis) -> Figure | None:
     """Figure 8: steps to target against batch size with the fit of eq. 2.11; None if no fit.
 
     Left, the training-loss target (per-step resolution); right, the validation-accuracy target
     (epoch resolution; upper bounds are drawn as x and not fitted). A target without a fit
     says why. None when neither target has a fit.
     """
-    analysis = analysis if analysis is not None else report.critical_analysis(results)
-    targets = (analysis.primary, analysis.secondary)
+    critical = analysis.critical
+    targets = critical.targets
     if all(t.fit is None for t in targets):
         return None
-    b_simple = analysis.b_simple.mean if analysis.b_simple.n else None
+    b_simple = critical.b_simple.mean if critical.b_simple.n else None
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 4.4))
         for ax, t, name in zip(axes, targets, ("primary", "secondary")):
@@ -702,14 +793,38 @@ def figure_critical_batch(results: SweepResults,
                 _plot_unfitted_target(ax, t)
             else:
                 steps = np.where(t.steps > 0, t.steps, np.nan)
-                critical.plot_steps_to_target(ax, t.batch_sizes, steps, t.fit,
-                                              b_simple=b_simple, color=PALETTE[0],
-                                              ylabel=f"steps to {t.label}")
+                plot_steps_to_target(ax, t.batch_sizes, steps, t.fit, b_simple=b_simple,
+                                     color=PALETTE[0], ylabel=f"steps to {t.label}")
                 ax.get_legend().set_bbox_to_anchor((0.5, -0.2))
             resolution = "per step" if t.kind == "train_loss" else "per epoch"
             ax.set_title(f"{name}: {t.label} ({resolution})")
-        _suptitle(fig, results, "Critical batch size: steps to a target, the fit of McCandlish "
+        _suptitle(fig, analysis, "Critical batch size: steps to a target, the fit of McCandlish "
                   "et al. eq. 2.11 and its regimes", stat="hollow: each seed; filled: mean")
+    return fig
+
+
+def figure_steps_to_target(batch_sizes: Sequence[float], steps: Any,
+                           fit: CriticalFit | None = None, *, b_simple: float | None = None,
+                           dataset: str | None = None, target: str | None = None,
+                           factor: float = REGIME_FACTOR) -> Figure:
+    """A one-column figure of `plot_steps_to_target` for steps measured outside a sweep.
+
+    Args:
+      batch_sizes, steps, b_simple, factor: as for `plot_steps_to_target`.
+      fit: a `CriticalFit` of the points, or None to fit them here.
+      dataset: dataset name for the title.
+      target: what was reached, for the y label, e.g. "val. accuracy 0.95".
+
+    Returns:
+      A matplotlib Figure, COLUMN_WIDTH wide.
+    """
+    if fit is None:
+        fit = fit_critical_batch(batch_sizes, steps)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.5))
+        plot_steps_to_target(ax, batch_sizes, steps, fit, b_simple=b_simple, factor=factor,
+                             ylabel=f"steps to {target}" if target else "steps to target")
+        ax.set_title("Critical batch size" + (f" ({dataset})" if dataset else ""))
     return fig
 
 
@@ -736,24 +851,24 @@ def save_figure(fig: Figure, directory: str | os.PathLike, name: str) -> list[pa
 # drawing process spends part of its time starting), at most 4. Measured on 2 cores: 3 beat 4.
 SCRIPT_WORKERS = min(4, (os.cpu_count() or 1) + 1)
 
-# Figures rendered in other processes (`make_figures(workers=...)`) find the sweep here.
-_WORKER_RESULTS: SweepResults | None = None
+# Figures rendered in other processes (`make_figures(workers=...)`) find the analysis here.
+_WORKER_ANALYSIS: Analysis | None = None
 
 
-def _init_worker(results: SweepResults) -> None:
-    global _WORKER_RESULTS
-    _WORKER_RESULTS = results
+def _init_worker(analysis: Analysis) -> None:
+    global _WORKER_ANALYSIS
+    _WORKER_ANALYSIS = analysis
 
 
-def _render(job: tuple[str, Callable, tuple], figures_dir, results: SweepResults | None = None
+def _render(job: tuple[str, Callable, tuple], figures_dir, analysis: Analysis | None = None
             ) -> list[pathlib.Path]:
     """Draw and save one figure: `job` is (file name, figure function, its other arguments)."""
     name, figure, args = job
-    fig = figure(results if results is not None else _WORKER_RESULTS, *args)
+    fig = figure(analysis if analysis is not None else _WORKER_ANALYSIS, *args)
     return [] if fig is None else save_figure(fig, figures_dir, name)
 
 
-def _render_all(jobs, figures_dir, results: SweepResults, workers: int) -> list[list]:
+def _render_all(jobs, figures_dir, analysis: Analysis, workers: int) -> list[list]:
     """Each job's files, in order; with workers > 1, spread over `workers` processes.
 
     This process renders too, from the end of the list, every job no other process has
@@ -761,53 +876,55 @@ def _render_all(jobs, figures_dir, results: SweepResults, workers: int) -> list[
     threads do not survive a fork); if they cannot start, this process renders everything.
     """
     if workers <= 1 or len(jobs) <= 1:
-        return [_render(job, figures_dir, results) for job in jobs]
+        return [_render(job, figures_dir, analysis) for job in jobs]
     import concurrent.futures
     import multiprocessing
     done: list[list | None] = [None] * len(jobs)
     try:
         pool = concurrent.futures.ProcessPoolExecutor(
             min(workers, len(jobs)) - 1, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(results,))
+            initializer=_init_worker, initargs=(analysis,))
     except (OSError, ValueError):
-        return [_render(job, figures_dir, results) for job in jobs]
+        return [_render(job, figures_dir, analysis) for job in jobs]
     try:
         with pool:
             futures = [pool.submit(_render, job, figures_dir) for job in jobs]
             for i in reversed(range(len(jobs))):
                 if futures[i].cancel():
-                    done[i] = _render(jobs[i], figures_dir, results)
+                    done[i] = _render(jobs[i], figures_dir, analysis)
             for i, future in enumerate(futures):
                 if done[i] is None:
                     done[i] = future.result()
     except concurrent.futures.process.BrokenProcessPool:
         pass  # a process died: this one draws what is left
-    return [files if files is not None else _render(job, figures_dir, results)
+    return [files if files is not None else _render(job, figures_dir, analysis)
             for job, files in zip(jobs, done)]
 
 
 def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
-                 target_loss: float | None = None, target_accuracy: float | None = None,
-                 analysis: "report.CriticalAnalysis | None" = None, workers: int = 1
+                 analysis: Analysis | None = None, target_loss: float | None = None,
+                 target_accuracy: float | None = None, workers: int = 1
                  ) -> tuple[list[pathlib.Path], list[str]]:
     """Draw and save every figure of a sweep.
 
     Args:
       results: a loaded sweep.
       figures_dir: where the PDF and PNG files go.
-      target_loss, target_accuracy: targets of the critical-batch-size figure (defaults as in
-        `report.critical_analysis`).
-      analysis: that analysis, when the caller has it already.
+      analysis: `batchjax.analysis.analyse(results, ...)`, when the caller has it (the report
+        should state the numbers the figures draw); computed here otherwise.
+      target_loss, target_accuracy: the targets of that analysis when it is computed here.
       workers: processes drawing figures at once (this one included). Each figure is drawn
         and saved by one process; the files are the same. The others are started with
         `multiprocessing`'s "spawn", which imports the caller's main module again: call with
         workers > 1 only from under `if __name__ == "__main__":`, and keep JAX out of that
-        module's imports (the drawing itself needs none). The scripts use `SCRIPT_WORKERS`
-        (on 2 cores 10 figures take 5.6-6.2 instead of 9.6 s).
+        module's imports (the drawing itself needs none). The scripts use `SCRIPT_WORKERS`.
 
     Returns:
       The written files and notes on figures that were skipped (e.g. no noise records).
     """
+    if analysis is None:
+        analysis = analyse(results, target_loss=target_loss, target_accuracy=target_accuracy)
+    results = analysis.results
     notes = []
     jobs = [(f"bs{b}_curves", figure_curves, (b,)) for b in results.batch_sizes]
     jobs += [("step_loss", figure_step_loss, ()), ("validation", figure_validation, ())]
@@ -823,12 +940,9 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
     else:
         notes.append("no sharpness measurements in these results (--no-sharpness): figure 7 "
                      "(sharpness_gap) skipped")
-    if analysis is None:
-        analysis = report.critical_analysis(results, target_loss=target_loss,
-                                            target_accuracy=target_accuracy)
-    if any(t.fit is not None for t in (analysis.primary, analysis.secondary)):
-        jobs.append(("critical_batch", figure_critical_batch, (analysis,)))
+    if any(t.fit is not None for t in analysis.critical.targets):
+        jobs.append(("critical_batch", figure_critical_batch, ()))
     else:
-        notes.append(f"figure 8 (critical_batch) skipped: {analysis.primary.note}")
-    paths = [p for files in _render_all(jobs, figures_dir, results, workers) for p in files]
+        notes.append(f"figure 8 (critical_batch) skipped: {analysis.critical.primary.note}")
+    paths = [p for files in _render_all(jobs, figures_dir, analysis, workers) for p in files]
     return paths, notes

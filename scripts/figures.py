@@ -1,21 +1,23 @@
 """Draw a sweep's figures and write its report, from the saved results only.
 
-    python scripts/figures.py results/                     # figures into figures/
+    python scripts/figures.py results/                     # figures into results/figures/
+    python scripts/figures.py results/ --figures-dir figures   # redraw the committed figures/
     python scripts/figures.py results/ --figures-dir out/ --target-accuracy 0.9
     python scripts/figures.py results/critical --target-loss 0.1   # critical batch size target
 
-Bad input (no such directory, a corrupt results file) prints one line `error: ...` and exits
-with status 2.
+The console shows the verdict table and where the full report is (RESULTS/report.md). Bad input
+(no such directory, a corrupt results file) prints one line `error: ...` and exits with
+status 2.
 """
 
 import argparse
 import sys
 
+from batchjax.analysis import analyse
 from batchjax.errors import BatchjaxError
 from batchjax.plots import SCRIPT_WORKERS, make_figures
-from batchjax.report import critical_analysis, write_report
+from batchjax.report import verdict_table, write_report
 from batchjax.results import load_sweep
-
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,7 +29,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("results_dir", help="a sweep directory written by scripts/sweep.py")
-    p.add_argument("--figures-dir", default="figures", help="default figures/")
+    p.add_argument("--figures-dir", default=None,
+                   help="default RESULTS_DIR/figures (the committed figures/ are redrawn only "
+                        "when asked: --figures-dir figures)")
     p.add_argument("--no-figures", action="store_true", help="only the report")
     p.add_argument("--target-accuracy", type=float, default=None,
                    help="validation accuracy for claim 4 and the critical batch size (default: "
@@ -35,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-loss", type=float, default=None,
                    help="training-loss target of the critical batch size (default: the lowest "
                         "smoothed loss every run reaches, rounded up)")
-    p.add_argument("--quiet", action="store_true", help="do not print the report")
+    p.add_argument("--quiet", action="store_true", help="do not print the verdict table")
     return p
 
 
@@ -49,15 +53,17 @@ def main(argv=None) -> int:
             raise BatchjaxError(f"--target-loss must be a finite number > 0, got "
                                 f"{args.target_loss}")
         results = load_sweep(args.results_dir)
-        targets = {"target_loss": args.target_loss, "target_accuracy": args.target_accuracy}
-        analysis = critical_analysis(results, **targets)
+        figures_dir = args.figures_dir or str(results.path / "figures")
+        analysis = analyse(results, target_loss=args.target_loss,
+                           target_accuracy=args.target_accuracy)
         figures, notes = ([], []) if args.no_figures else make_figures(
-            results, args.figures_dir, analysis=analysis, workers=SCRIPT_WORKERS, **targets)
+            results, figures_dir, analysis=analysis, workers=SCRIPT_WORKERS)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        text = write_report(results, figures=figures, notes=notes, analysis=analysis, **targets)
+        write_report(analysis, figures=figures, notes=notes)
         if not args.quiet:
-            print(text)
+            print(verdict_table(analysis))
+            print(f"\nfull report: {results.path / 'report.md'}")
     except BatchjaxError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,15 +1,17 @@
-"""Critical batch size: the fit against points made by its own model, steps to target by hand."""
+"""Critical batch size: the fit against points made by its own model, steps to target by hand.
+
+The figure of a fit is drawn in tests/test_plots.py (`batchjax.plots.plot_steps_to_target`).
+"""
 
 import json
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from batchjax import BatchjaxError, TrainConfig, TrainResult
-from batchjax.critical import (figure_critical_batch, fit_critical_batch, plot_steps_to_target,
-                               regimes, smooth_step_losses, steps_to_target,
+from batchjax.critical import (fit_critical_batch, regimes, smooth_step_losses, steps_to_target,
                                steps_to_target_table)
+from batchjax.run import Run
 
 BATCH_SIZES = 2.0 ** np.arange(3, 11)  # 8 ... 1024
 S_MIN, E_MIN = 50.0, 10_000.0  # B_crit = 200
@@ -105,37 +107,45 @@ def test_regimes_follow_from_the_model():
 
 def history(val_accuracy, steps_per_epoch=100, batch_size=8):
     epochs = len(val_accuracy)
-    return {"epoch": list(range(1, epochs + 1)), "val_accuracy": list(val_accuracy),
-            "steps": [steps_per_epoch * (e + 1) for e in range(epochs)],
-            "examples_seen": [steps_per_epoch * batch_size * (e + 1) for e in range(epochs)]}
+    return {"epoch": np.arange(1.0, epochs + 1), "val_accuracy": np.asarray(val_accuracy, float),
+            "steps": steps_per_epoch * np.arange(1.0, epochs + 1),
+            "examples_seen": steps_per_epoch * batch_size * np.arange(1.0, epochs + 1)}
+
+
+def run(history_=None, step_losses=(), step_batch_sizes=(), batch_size=8, seed=0):
+    """A `Run` with only what steps to target read."""
+    return Run(config=TrainConfig(batch_size=batch_size, seed=seed), dataset={},
+               history=history_ if history_ is not None else {},
+               step_losses=np.asarray(step_losses, float),
+               step_batch_sizes=np.asarray(step_batch_sizes, np.int64))
 
 
 def test_accuracy_target_interpolates_between_the_bracketing_epochs():
-    run = {"history": history([0.80, 0.90, 0.96, 0.95])}
+    r = run(history([0.80, 0.90, 0.96, 0.95]))
     # 0.93 is half-way from 0.90 (step 200) to 0.96 (step 300).
-    assert steps_to_target(run, val_accuracy=0.93) == pytest.approx((250.0, 2000.0))
-    assert steps_to_target(run, val_accuracy=0.96) == pytest.approx((300.0, 2400.0))
-    assert steps_to_target(run, val_accuracy=0.97) is None
+    assert steps_to_target(r, val_accuracy=0.93) == pytest.approx((250.0, 2000.0))
+    assert steps_to_target(r, val_accuracy=0.96) == pytest.approx((300.0, 2400.0))
+    assert steps_to_target(r, val_accuracy=0.97) is None
     # Already reached at the first evaluation: its steps, an upper bound.
-    assert steps_to_target(run, val_accuracy=0.5) == (100.0, 800.0)
+    assert steps_to_target(r, val_accuracy=0.5) == (100.0, 800.0)
     # Saved float32 accuracies: 950/1000 is 0.949999988 and counts as reaching 0.95.
-    rounded = {"history": history([0.9, float(np.float32(0.95))])}
+    rounded = run(history([0.9, float(np.float32(0.95))]))
     assert steps_to_target(rounded, val_accuracy=0.95) == pytest.approx((200.0, 1600.0))
 
 
 def test_loss_target_from_smoothed_step_losses():
     losses = 2.0 - 0.01 * np.arange(200)  # linear: a centred average leaves it unchanged
-    run = {"history": history([0.5, 0.6], steps_per_epoch=100, batch_size=32),
-           "step_losses": losses.tolist(), "step_batch_sizes": [32] * 200}
+    h = history([0.5, 0.6], steps_per_epoch=100, batch_size=32)
+    r = run(h, losses, [32] * 200, batch_size=32)
     # Smoothed loss of step t is 2 - 0.01 t away from the ends; 1.555 is crossed at t = 44.5.
-    assert steps_to_target(run, train_loss=1.555) == pytest.approx((44.5, 44.5 * 32))
-    assert steps_to_target(run, train_loss=0.001) is None  # the last loss is 0.01
+    assert steps_to_target(r, train_loss=1.555) == pytest.approx((44.5, 44.5 * 32))
+    assert steps_to_target(r, train_loss=0.001) is None  # the last loss is 0.01
     # Without per-step batch sizes, examples are interpolated from the epoch ends.
-    del run["step_batch_sizes"]
-    assert steps_to_target(run, train_loss=1.555) == pytest.approx((44.5, 44.5 * 32))
+    r = run(h, losses, batch_size=32)
+    assert steps_to_target(r, train_loss=1.555) == pytest.approx((44.5, 44.5 * 32))
     # A diverged run counts only its steps before the first non-finite loss.
-    run["step_losses"] = losses[:60].tolist() + [np.nan] + [0.0] * 100
-    assert steps_to_target(run, train_loss=1.3) is None
+    r = run(h, losses[:60].tolist() + [np.nan] + [0.0] * 100, batch_size=32)
+    assert steps_to_target(r, train_loss=1.3) is None
 
 
 def test_smoothing_window_spans_the_stated_examples():
@@ -151,7 +161,7 @@ def test_smoothing_window_spans_the_stated_examples():
 def test_train_results_and_tables():
     def result(batch_size, seed, accuracies):
         h = history(accuracies, steps_per_epoch=800 // batch_size, batch_size=batch_size)
-        h.update(train_loss=[1.0] * len(accuracies))
+        h.update(train_loss=np.ones(len(accuracies)))
         return TrainResult(config=TrainConfig(batch_size=batch_size, seed=seed), dataset={},
                            step_losses=np.ones(1), step_batch_sizes=np.ones(1, np.int64),
                            history=h, compile_seconds=0.0, params=None)
@@ -164,30 +174,7 @@ def test_train_results_and_tables():
     with pytest.raises(BatchjaxError, match="exactly one target"):
         steps_to_target(runs[0])
     with pytest.raises(BatchjaxError, match="no per-epoch history"):
-        steps_to_target({"step_losses": [1.0]}, val_accuracy=0.9)
+        steps_to_target(run(step_losses=[1.0]), val_accuracy=0.9)
     # A loss target needs no history when every step's batch size is known.
-    assert steps_to_target({"step_losses": [2.0, 1.0, 0.5], "step_batch_sizes": [4, 4, 4]},
+    assert steps_to_target(run(step_losses=[2.0, 1.0, 0.5], step_batch_sizes=[4, 4, 4]),
                            train_loss=1.0, window_examples=1) == (1.0, 4.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Figure
-
-
-def test_figure_renders(tmp_path):
-    rng = np.random.default_rng(3)
-    steps = model_steps(BATCH_SIZES)[:, None] * np.exp(0.05 * rng.normal(size=(8, 3)))
-    steps[-1, 0] = np.nan
-    fig = figure_critical_batch(BATCH_SIZES, steps, b_simple=150.0, dataset="mnist-5k",
-                                target="val. accuracy 0.95")
-    path = tmp_path / "critical.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    assert path.stat().st_size > 10_000
-    assert fig.axes[0].get_xscale() == "log" and "mnist-5k" in fig.axes[0].get_title()
-    # One seed, no B_simple, on given axes.
-    fig, ax = plt.subplots()
-    single = model_steps(BATCH_SIZES)
-    plot_steps_to_target(ax, BATCH_SIZES, single, fit_critical_batch(BATCH_SIZES, single))
-    assert ax.get_legend() is not None
-    plt.close(fig)
