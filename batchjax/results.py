@@ -1,55 +1,80 @@
-"""Results on disk: the schema of a sweep directory, an atomic writer and a loader.
+"""Results on disk: the layout of a sweep directory, atomic writes, the loader, tidy tables.
 
 Layout of a sweep directory `OUT/`:
 
     OUT/manifest.json           what was swept and with what: the batch sizes, seeds and shared
                                 configuration, the sharpness settings (null: not measured),
-                                the dataset (name, source, sizes), and one
-                                provenance record per session (command line, start and end times,
-                                package versions, Python, platform, devices).
+                                the dataset (name, source, sizes), and one provenance record
+                                per session (command line, start and end times, package
+                                versions, Python, platform, devices, groups trained).
+    OUT/history.csv             one row per run and finished epoch (tidy, long form).
+    OUT/noise.csv               one row per run and gradient-noise measurement: every scalar,
+                                nested values flattened to `minibatch_variance.32`,
+                                `trace_cov_per_layer.hidden/kernel`, `empirical.mean`, ...
+    OUT/.lock                   who is writing the directory (`DirectoryLock`).
     OUT/bs00032_seed0/config.json    the run's `TrainConfig`, written before it trains.
-    OUT/bs00032_seed0/metrics.json   everything the run produced, written last:
-        complete (true), status ("complete" | "diverged"), diverged_step, dataset, history
-        (per-epoch lists, Keras semantics), final_train (loss and accuracy of the final
-        parameters on the whole training set), step_losses and step_batch_sizes (every optimizer
-        step), noise (gradient-noise records), compile_seconds, trained_with_seeds (the seeds
-        vmapped together with this one: epoch times are those of the group), sharpness (the
-        Hessian of the training loss at the final parameters: `SharpnessResult.to_dict()` plus
-        the probe's loss and accuracy, step and examples_seen; null when it was not measured
-        or the run diverged; settings in the manifest's `sharpness`).
+    OUT/bs00032_seed0/steps.npz      every optimizer step: step_losses, step_batch_sizes.
+    OUT/bs00032_seed0/metrics.json   everything else the run produced, written last:
+        complete (true), status ("complete" | "diverged"), diverged_step, learning_rate
+        (effective), dataset, history (per-epoch lists, Keras semantics), final_train (loss
+        and accuracy of the final parameters on the whole training set), noise
+        (gradient-noise records), compile_seconds, trained_with (the names of the runs
+        trained in one program with this one: epoch times are those of the group),
+        sharpness (the Hessian of the training loss at the final parameters, null when it
+        was not measured or the run diverged; settings in the manifest's `sharpness`).
 
 A run is complete exactly when its `metrics.json` exists: every file is written to a temporary
 name in the same directory, flushed, fsynced and renamed over its final name (`os.replace` is
-atomic on POSIX), so a killed process never leaves a file that looks complete but is not.
-Non-finite floats (a diverged run's last loss) are stored as JSON `null`, which keeps the files
-strict JSON; the loader turns them back into NaN.
+atomic on POSIX), and `metrics.json` comes last, so a killed process (or a full disk) never
+leaves a file that looks complete but is not. Non-finite floats (a diverged run's last loss)
+are stored as JSON `null`, which keeps the files strict JSON; the loader turns them back into
+NaN. Loading gives `batchjax.run.Run`, the type training returns. Schema 1 directories
+(per-step arrays inside metrics.json, `trained_with_seeds`) still load.
+
+No JAX here: figure and report processes load results without it.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import datetime
+import errno
+import io
 import json
 import math
 import os
 import pathlib
 import re
+import socket
 import tempfile
-from typing import Any
+import zipfile
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from batchjax.config import TrainConfig
 from batchjax.errors import BatchjaxError
+from batchjax.run import HISTORY_KEYS, Run
 
-SCHEMA_VERSION = 1
+__all__ = ["Run", "SweepResults", "DirectoryLock", "load_run", "load_sweep", "write_run",
+           "write_tables", "abbreviate"]
+
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 METRICS = "metrics.json"
+STEPS = "steps.npz"
+HISTORY_CSV = "history.csv"
+NOISE_CSV = "noise.csv"
+LOCK = ".lock"
 TEMP_SUFFIX = ".tmp"
 _RUN_DIR = re.compile(r"^bs(\d{5,})_seed(\d+)$")
 # mkstemp creates files readable by the owner only; results get the usual umask instead.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# Dataset fields that identify the data; `source` may word the same data differently.
+_DATASET_IDENTITY = ("name", "num_train", "num_val", "image_shape", "num_classes")
 
 
 def run_name(batch_size: int, seed: int) -> str:
@@ -61,6 +86,28 @@ def parse_run_name(name: str) -> tuple[int, int] | None:
     """(batch_size, seed) of a run directory name, or None if it is not one."""
     match = _RUN_DIR.match(name)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def abbreviate(values: Iterable[int], limit: int = 6) -> str:
+    """Integers for a message: runs of 3+ consecutive values as `a..b`, at most `limit` pieces.
+
+    `abbreviate(range(100000))` is "0..99999"; `abbreviate([0, 1, 5])` is "0,1,5"; a long
+    irregular list keeps its first pieces and its last: "0,2,4,...,98 (50 values)".
+    """
+    values = sorted(int(v) for v in values)
+    pieces, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        if j - i >= 2:
+            pieces.append(f"{values[i]}..{values[j]}")
+        else:
+            pieces.extend(str(v) for v in values[i:j + 1])
+        i = j + 1
+    if len(pieces) <= limit:
+        return ",".join(pieces)
+    return ",".join(pieces[:limit - 1]) + f",...,{pieces[-1]} ({len(values):,} values)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,6 +129,8 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         value = float(obj)
         return value if math.isfinite(value) else None
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
     return obj
 
 
@@ -89,7 +138,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file, fsync and rename.
 
     Raises:
-      BatchjaxError: the file could not be written; any earlier version of it is untouched.
+      BatchjaxError: the file could not be written (disk full, no permission); any earlier
+        version of it is untouched and the temporary file is removed.
     """
     path = pathlib.Path(path)
     tmp = None
@@ -106,7 +156,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         _fsync_dir(path.parent)
     except OSError as err:
         raise BatchjaxError(f"could not write {path}: {err.strerror or err}; files written "
-                            "before it are intact (free space or choose another --out)") from err
+                            "before it are intact (free some space, or choose another results "
+                            "directory, then resume)") from err
     finally:
         if tmp is not None:
             try:
@@ -144,6 +195,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, flat: bool = False) 
     write_bytes_atomic(path, (text + "\n").encode())
 
 
+def write_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write NumPy arrays as an uncompressed `.npz` (`np.load` reads it), atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a corrupt, truncated or unreadable one raises an error naming it."""
     path = pathlib.Path(path)
@@ -157,7 +215,7 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise BatchjaxError(f"results file {path} is corrupt or truncated ({err.msg} at line "
-                            f"{err.lineno}); delete it and rerun with --resume") from err
+                            f"{err.lineno}); delete it and resume the sweep") from err
 
 
 def remove_stale_temp_files(out_dir: str | os.PathLike) -> int:
@@ -172,43 +230,41 @@ def remove_stale_temp_files(out_dir: str | os.PathLike) -> int:
     return removed
 
 
-def metrics_record(result, *, trained_with_seeds: list[int],
-                   final_train: dict[str, float] | None,
-                   sharpness: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The `metrics.json` content of one `batchjax.TrainResult`."""
+def metrics_record(run: Run) -> dict[str, Any]:
+    """The `metrics.json` content of one `Run` (everything but the per-step arrays)."""
     return {
         "schema": SCHEMA_VERSION,
         "complete": True,
-        "batch_size": result.config.batch_size,
-        "seed": result.config.seed,
-        "status": result.status,
-        "diverged_step": result.diverged_step,
-        "effective_learning_rate": result.config.effective_learning_rate,
-        "dataset": result.dataset,
-        "compile_seconds": result.compile_seconds,
-        "trained_with_seeds": list(trained_with_seeds),
-        "history": result.history,
-        "final_train": final_train,
-        "noise": result.noise,
-        "sharpness": sharpness,
-        "step_losses": np.asarray(result.step_losses, np.float64),
-        "step_batch_sizes": np.asarray(result.step_batch_sizes, np.int64),
+        "batch_size": run.batch_size,
+        "seed": run.seed,
+        "learning_rate": run.learning_rate,
+        "status": run.status,
+        "diverged_step": run.diverged_step,
+        "dataset": run.dataset,
+        "compile_seconds": run.compile_seconds,
+        "trained_with": list(run.trained_with),
+        "history": run.history,
+        "final_train": run.final_train,
+        "noise": run.noise,
+        "sharpness": run.sharpness,
+        "steps": {"file": STEPS, "count": int(len(run.step_losses))},
     }
 
 
-def write_run(out_dir: str | os.PathLike, result, *, trained_with_seeds: list[int],
-              final_train: dict[str, float] | None = None,
-              sharpness: dict[str, Any] | None = None) -> pathlib.Path:
-    """Write one finished run's `metrics.json` (its `config.json` is written before training).
+def write_run(out_dir: str | os.PathLike, run: Run) -> pathlib.Path:
+    """Write one finished run: `config.json`, `steps.npz`, then `metrics.json` (last).
 
     Returns:
-      The run directory.
+      The run directory (also stored in `run.path`).
     """
-    run_dir = pathlib.Path(out_dir) / run_name(result.config.batch_size, result.config.seed)
-    write_json_atomic(run_dir / CONFIG, result.config.to_dict())
-    write_json_atomic(run_dir / METRICS, metrics_record(
-        result, trained_with_seeds=trained_with_seeds, final_train=final_train,
-        sharpness=sharpness), flat=True)
+    run_dir = pathlib.Path(out_dir) / run_name(run.batch_size, run.seed)
+    write_json_atomic(run_dir / CONFIG, run.config.to_dict())
+    losses = np.asarray(run.step_losses)
+    write_npz_atomic(run_dir / STEPS,
+                     step_losses=losses if losses.dtype.kind == "f" else losses.astype(float),
+                     step_batch_sizes=np.asarray(run.step_batch_sizes, np.int64))
+    write_json_atomic(run_dir / METRICS, metrics_record(run), flat=True)
+    run.path = run_dir
     return run_dir
 
 
@@ -216,59 +272,7 @@ def write_run(out_dir: str | os.PathLike, result, *, trained_with_seeds: list[in
 # Loading
 
 
-@dataclasses.dataclass
-class Run:
-    """One completed run as saved on disk; arrays are NumPy, history values are float arrays.
-
-    Attributes:
-      config: the run's `TrainConfig`.
-      status: "complete" or "diverged".
-      diverged_step: first step (0-based) with a non-finite loss, or None.
-      history: per-epoch arrays (epoch, train_loss, ..., examples_seen) of the finished epochs.
-      final_train: {"loss", "accuracy"} of the final parameters on the training set, or None.
-      step_losses, step_batch_sizes: every optimizer step.
-      noise: gradient-noise records, in the order they were taken.
-      compile_seconds: one-off compilation time of the run's group.
-      trained_with_seeds: the seeds trained together in one vmapped group with this one.
-      dataset: `Dataset.describe()` of the data.
-      path: the run directory.
-      sharpness: Hessian measurements at the final parameters (see the module docstring), or
-        None.
-    """
-
-    config: TrainConfig
-    status: str
-    diverged_step: int | None
-    history: dict[str, np.ndarray]
-    final_train: dict[str, float] | None
-    step_losses: np.ndarray
-    step_batch_sizes: np.ndarray
-    noise: list[dict]
-    compile_seconds: float
-    trained_with_seeds: list[int]
-    dataset: dict
-    path: pathlib.Path | None = None
-    sharpness: dict | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
-
-    @property
-    def seed(self) -> int:
-        return self.config.seed
-
-    @property
-    def diverged(self) -> bool:
-        return self.status == "diverged"
-
-    @property
-    def examples_seen(self) -> np.ndarray:
-        """Examples seen after each step (cumulative sum of the step batch sizes)."""
-        return np.cumsum(self.step_batch_sizes)
-
-
-def _floats(values: list) -> np.ndarray:
+def _floats(values: Sequence) -> np.ndarray:
     return np.asarray([np.nan if v is None else v for v in values], np.float64)
 
 
@@ -277,7 +281,20 @@ def _field(d: dict, key: str, path: pathlib.Path) -> Any:
         return d[key]
     except (KeyError, TypeError):
         raise BatchjaxError(f"results file {path} lacks {key!r}; it was not written by this "
-                            "version of batchjax (delete it and rerun with --resume)") from None
+                            "version of batchjax (delete it and resume the sweep)") from None
+
+
+def _read_steps(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return (np.asarray(npz["step_losses"], np.float64),
+                    np.asarray(npz["step_batch_sizes"], np.int64))
+    except FileNotFoundError:
+        raise BatchjaxError(f"results file {path} does not exist although its metrics.json "
+                            "does; delete the run directory and resume the sweep") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise BatchjaxError(f"results file {path} is corrupt or truncated ({err}); delete it "
+                            "and resume the sweep") from None
 
 
 def load_run(run_dir: str | os.PathLike) -> Run | None:
@@ -301,20 +318,28 @@ def load_run(run_dir: str | os.PathLike) -> Run | None:
     if _field(m, "complete", metrics_path) is not True:
         return None
     history = {k: _floats(v) for k, v in _field(m, "history", metrics_path).items()}
+    if m.get("schema", 1) == 1:  # per-step arrays inline, trained_with_seeds
+        step_losses = _floats(_field(m, "step_losses", metrics_path))
+        step_batch_sizes = np.asarray(_field(m, "step_batch_sizes", metrics_path), np.int64)
+        trained_with = [run_name(config.batch_size, s)
+                        for s in m.get("trained_with_seeds") or [config.seed]]
+    else:
+        step_losses, step_batch_sizes = _read_steps(run_dir / STEPS)
+        trained_with = list(m.get("trained_with") or [run_dir.name])
     return Run(
         config=config,
+        dataset=m.get("dataset") or {},
+        history=history,
+        step_losses=step_losses,
+        step_batch_sizes=step_batch_sizes,
+        noise=list(m.get("noise") or []),
         status=_field(m, "status", metrics_path),
         diverged_step=m.get("diverged_step"),
-        history=history,
-        final_train=m.get("final_train"),
-        step_losses=_floats(_field(m, "step_losses", metrics_path)),
-        step_batch_sizes=np.asarray(_field(m, "step_batch_sizes", metrics_path), np.int64),
-        noise=list(m.get("noise") or []),
         compile_seconds=float(m.get("compile_seconds") or 0.0),
-        trained_with_seeds=list(m.get("trained_with_seeds") or [config.seed]),
-        dataset=m.get("dataset") or {},
-        path=run_dir,
+        trained_with=trained_with,
+        final_train=m.get("final_train"),
         sharpness=m.get("sharpness"),
+        path=run_dir,
     )
 
 
@@ -324,7 +349,7 @@ class SweepResults:
 
     Attributes:
       manifest: the parsed `manifest.json` (empty when there is none).
-      runs: completed runs, sorted by batch size then seed.
+      runs: completed runs (`batchjax.run.Run`), sorted by batch size then seed.
       missing: (batch_size, seed) pairs of the manifest with no completed run.
       path: the sweep directory.
     """
@@ -380,8 +405,8 @@ def load_sweep(out_dir: str | os.PathLike, *, require_runs: bool = True) -> Swee
     """
     out_dir = pathlib.Path(out_dir)
     if not out_dir.is_dir():
-        raise BatchjaxError(f"results directory {out_dir} does not exist; run "
-                            f"scripts/sweep.py --out {out_dir} first")
+        raise BatchjaxError(f"results directory {out_dir} does not exist; run a sweep into it "
+                            "first (run_sweep, or scripts/sweep.py)")
     manifest_path = out_dir / MANIFEST
     manifest = read_json(manifest_path) if manifest_path.exists() else {}
     runs = []
@@ -396,6 +421,308 @@ def load_sweep(out_dir: str | os.PathLike, *, require_runs: bool = True) -> Swee
     missing = [(b, s) for b in sweep.get("batch_sizes", []) for s in sweep.get("seeds", [])
                if (b, s) not in done]
     if require_runs and not runs:
-        raise BatchjaxError(f"{out_dir} holds no completed run; run scripts/sweep.py "
-                            f"--out {out_dir} (add --resume to continue a stopped sweep)")
+        raise BatchjaxError(f"{out_dir} holds no completed run; run the sweep (resume it if it "
+                            "was stopped)")
     return SweepResults(manifest=manifest, runs=runs, missing=missing, path=out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Tidy tables: one row per run and epoch, one row per run and measurement
+
+_RUN_COLUMNS = ("run", "batch_size", "seed", "learning_rate", "status")
+_INTEGER_HISTORY = ("epoch", "steps", "examples_seen")
+
+
+def _run_columns(run: Run) -> dict[str, Any]:
+    return {"run": run_name(run.batch_size, run.seed), "batch_size": run.batch_size,
+            "seed": run.seed, "learning_rate": run.learning_rate, "status": run.status}
+
+
+def history_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
+    """One row per run and finished epoch: the run's identity, then `HISTORY_KEYS`."""
+    rows = []
+    for run in runs:
+        ident = _run_columns(run)
+        for i in range(run.num_epochs):
+            row = dict(ident)
+            for k in HISTORY_KEYS:
+                value = float(run.history[k][i])
+                row[k] = int(value) if k in _INTEGER_HISTORY and math.isfinite(value) else value
+            rows.append(row)
+    return rows
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(to_jsonable(value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def noise_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
+    """One row per run and noise measurement: every scalar of the record, nested keys joined
+    with dots (`minibatch_variance.32`, `trace_cov_per_layer.hidden/kernel`)."""
+    return [{**_run_columns(run), **_flatten(record)} for run in runs for record in run.noise]
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value)) if math.isfinite(value) else ""
+    return value
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV text of `rows`; the columns are the union of the rows' keys in first-seen order,
+    missing and non-finite values are empty cells (NaN for pandas)."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(c)) for c in columns])
+    return out.getvalue()
+
+
+def write_tables(out_dir: str | os.PathLike, runs: Sequence[Run]) -> list[pathlib.Path]:
+    """Write `history.csv` and `noise.csv` (when any run has noise records) at `out_dir`."""
+    out_dir = pathlib.Path(out_dir)
+    written = [out_dir / HISTORY_CSV]
+    write_bytes_atomic(written[0], rows_to_csv(history_rows(runs)).encode())
+    noise = noise_rows(runs)
+    if noise:
+        written.append(out_dir / NOISE_CSV)
+        write_bytes_atomic(written[1], rows_to_csv(noise).encode())
+    elif (out_dir / NOISE_CSV).exists():
+        (out_dir / NOISE_CSV).unlink()
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep's identity: what a resumed sweep must match
+
+
+def sweep_identity(*, batch_sizes: Sequence[int], seeds: Sequence[int],
+                   config: TrainConfig, sharpness: dict | None, dataset: dict) -> dict:
+    """What a sweep directory holds, as the manifest records it (all fields but batch size and
+    seed are shared by every run)."""
+    shared = config.to_dict()
+    shared.pop("batch_size")
+    shared.pop("seed")
+    return {"sweep": {"batch_sizes": list(batch_sizes), "seeds": list(seeds),
+                      "epochs": config.epochs},
+            "config": shared, "sharpness": sharpness, "dataset": dataset}
+
+
+def _sharpness_text(settings: dict | None) -> str:
+    if not settings:
+        return "off"
+    return "on (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"
+
+
+def manifest_differences(saved: dict, asked: dict) -> list[str]:
+    """Differences between a saved and an asked `sweep_identity`, naming the fields."""
+    diffs = []
+    for key in ("batch_sizes", "seeds"):
+        a, b = saved.get("sweep", {}).get(key, []), asked["sweep"][key]
+        if sorted(a) != sorted(b):
+            diffs.append(f"{key} saved {abbreviate(a)}, asked {abbreviate(b)}")
+    saved_config, asked_config = saved.get("config", {}), asked["config"]
+    for key in sorted(set(saved_config) | set(asked_config)):
+        if saved_config.get(key) != asked_config.get(key):
+            diffs.append(f"{key} saved {saved_config.get(key)!r}, "
+                         f"asked {asked_config.get(key)!r}")
+    if saved.get("sharpness") != asked["sharpness"]:
+        diffs.append(f"sharpness saved {_sharpness_text(saved.get('sharpness'))}, "
+                     f"asked {_sharpness_text(asked['sharpness'])}")
+    saved_data = {k: saved.get("dataset", {}).get(k) for k in _DATASET_IDENTITY}
+    asked_data = {k: asked["dataset"].get(k) for k in _DATASET_IDENTITY}
+    if saved_data != asked_data:
+        diffs.append(f"dataset saved {saved_data['name']} ({saved_data['num_train']} train / "
+                     f"{saved_data['num_val']} val), asked {asked_data['name']} "
+                     f"({asked_data['num_train']} train / {asked_data['num_val']} val)")
+    return diffs
+
+
+# Files a sweep writes at its root besides the run directories; a fresh sweep ignores them
+# only together with a manifest.
+_OWN_FILES = {LOCK}
+
+
+def check_out_dir(out_dir: pathlib.Path, asked: dict, resume: bool) -> dict | None:
+    """Check that `out_dir` may hold the asked sweep; returns the saved manifest, if any.
+
+    Raises:
+      BatchjaxError: the directory holds another sweep, or something else, or a sweep while
+        `resume` is False.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BatchjaxError(f"results directory {out_dir} is a file; choose another directory")
+    entries = sorted(p.name for p in out_dir.iterdir()
+                     if p.name not in _OWN_FILES) if out_dir.is_dir() else []
+    manifest_path = out_dir / MANIFEST
+    if not entries:
+        return None
+    if not manifest_path.exists():
+        run_dirs = [e for e in entries if parse_run_name(e)]
+        what = (f"run directories ({run_dirs[0]}, ...) but no {MANIFEST}" if run_dirs
+                else f"{len(entries)} entries but no batchjax {MANIFEST}")
+        raise BatchjaxError(f"results directory {out_dir} is not empty ({what}); choose "
+                            "another directory or empty it")
+    saved = read_json(manifest_path)
+    if not isinstance(saved, dict) or saved.get("kind") != "batchjax-sweep":
+        raise BatchjaxError(f"{manifest_path} is not a batchjax sweep manifest; choose "
+                            "another results directory")
+    if not resume:
+        raise BatchjaxError(f"results directory {out_dir} already holds a sweep; continue it "
+                            f"with resume, or choose another directory (or delete {out_dir})")
+    diffs = manifest_differences(saved, asked)
+    if diffs:
+        raise BatchjaxError(f"resume: {out_dir} holds a sweep with a different configuration "
+                            f"({'; '.join(diffs)}); resume with the saved settings, choose "
+                            f"another directory, or delete {out_dir} to start over")
+    return saved
+
+
+# --------------------------------------------------------------------------------------------
+# The directory lock: one sweep writes a directory at a time
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux), to tell a reused
+    pid from the original process; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+def _holder_text(info: dict) -> str:
+    job = f", {info['processes']} processes of one job" if info.get("processes", 1) > 1 else ""
+    return (f"process {info.get('pid', '?')} on host {info.get('host', '?')} (since "
+            f"{info.get('since', '?')}{job})")
+
+
+class DirectoryLock:
+    """An exclusive lock on a results directory, held by one sweep (one job) at a time.
+
+    The lock is `fcntl.flock` on `OUT/.lock`, so the kernel releases it when its holder dies,
+    however it dies (SIGKILL included); on shared file systems whose flock is not supported
+    it is the file's content alone. The file records the holder (host, pid, start time, the
+    number of processes of its job), for the refusal message and for spotting a lock left by
+    a process that no longer runs, which is then taken over (`taken_over` says whose). The
+    file stays in place, emptied on release. A multi-host job locks once, in its process 0.
+
+    Raises (from `acquire`):
+      BatchjaxError: another live process holds the lock (named), or the lock file cannot be
+        written.
+    """
+
+    _held: set["DirectoryLock"] = set()  # released by `release_all` on a hard exit
+
+    def __init__(self, directory: str | os.PathLike, *, processes: int = 1):
+        self.path = pathlib.Path(directory) / LOCK
+        self.processes = processes
+        self.taken_over: dict | None = None
+        self._fd: int | None = None
+
+    def _read(self) -> dict:
+        try:
+            text = self.path.read_text()
+            info = json.loads(text) if text.strip() else {}
+            return info if isinstance(info, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "DirectoryLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as err:
+            raise BatchjaxError(f"cannot create the lock file {self.path}: "
+                                f"{err.strerror or err}") from None
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flocked = True
+        except BlockingIOError:
+            os.close(fd)
+            raise BatchjaxError(f"results directory {self.path.parent} is in use by the sweep "
+                                f"of {_holder_text(self._read())}; wait for it to finish or "
+                                "stop it, or choose another directory") from None
+        except (ImportError, OSError) as err:
+            # No flock here (some network file systems): the holder's record decides.
+            if isinstance(err, OSError) and err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP,
+                                                              errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise BatchjaxError(f"cannot lock {self.path}: {err.strerror or err}") from None
+            flocked = False
+        info = self._read()
+        if info:
+            same_host = info.get("host") == socket.gethostname()
+            if not flocked and not (same_host and not _alive(int(info.get("pid", -1)),
+                                                              info.get("start"))):
+                os.close(fd)
+                raise BatchjaxError(
+                    f"results directory {self.path.parent} is locked by the sweep of "
+                    f"{_holder_text(info)}; if that process is gone, delete {self.path}")
+            self.taken_over = info  # flock was free: its holder is gone
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "start": _process_start(os.getpid()), "processes": self.processes,
+              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as err:
+            os.close(fd)
+            raise BatchjaxError(f"could not write the lock file {self.path}: "
+                                f"{err.strerror or err}") from None
+        self._fd = fd
+        DirectoryLock._held.add(self)
+        return self
+
+    def release(self) -> None:
+        """Empty the lock file and unlock (closing the descriptor releases the flock)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        DirectoryLock._held.discard(self)
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Release every lock this process holds (before a hard exit)."""
+        for lock in list(cls._held):
+            lock.release()
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

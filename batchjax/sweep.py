@@ -1,215 +1,64 @@
 """A sweep: a grid of batch sizes x seeds -> training runs -> results on disk, resumable.
 
-`run_sweep` trains, for every batch size, all the seeds that have no completed run yet, vmapped
-together in one jitted epoch (`batchjax.train_seeds`), and writes each run as soon as its batch
-size finishes (layout and atomicity: `batchjax.results`). A sweep directory belongs to exactly one
-configuration, recorded in its `manifest.json`:
+`run_sweep` orchestrates; the other modules do the work:
 
-  * a fresh sweep refuses a non-empty directory (no mixing of two sweeps' results);
-  * `resume=True` refuses a directory whose saved configuration differs from the one asked for,
-    naming each differing flag; otherwise it skips the completed runs and trains the others
-    (only the missing seeds of a batch size, still vmapped together).
-
-After training, each completed run's sharpness (the extreme Hessian eigenvalues and the trace,
-`batchjax.sharpness`, on a fixed probe of training examples; `SharpnessSettings`) is measured at
-its final parameters and saved with its metrics; the settings are part of the sweep's identity.
+  1. check the grid against the data, and its memory against the devices before any work
+     (`batchjax.memory`): a grid that cannot fit is refused, one that fits only in groups of
+     seeds is trained in groups;
+  2. lock the results directory (`batchjax.results.DirectoryLock`: one sweep per directory)
+     and check that it may hold this sweep: a fresh sweep refuses a non-empty directory,
+     `resume=True` refuses one whose saved configuration differs (naming each differing
+     field) and otherwise trains only the runs without a saved result;
+  3. train each group of seeds of a batch size in one program (`batchjax.train.train_runs`),
+     then evaluate each run's final parameters on the whole training set and measure its
+     sharpness (`batchjax.sharpness`, settings `SharpnessSettings`, part of the sweep's
+     identity), and save it at once (`batchjax.results.write_run`);
+  4. write the tidy tables (`history.csv`, `noise.csv`) and close the manifest.
 
 A run whose loss becomes NaN or infinite is saved with status "diverged" and the step (and no
-sharpness); the sweep goes on. Progress: a bar over the whole sweep (epochs summed over batch
-sizes) and a Keras-like line per finished epoch per batch size, both on stderr; the bar is
-redrawn in place on a terminal and printed as one line per update otherwise (CI logs).
+sharpness); the sweep goes on. `should_stop()` is polled at every safe point (between epoch
+segments and measurements inside training, between runs outside it); when it returns True the
+sweep raises `batchjax.train.Interrupted` and keeps every run saved so far. Progress: a tqdm
+bar over the sweep's epochs on a terminal, and a Keras-like line per finished epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
-import importlib
 import importlib.metadata
 import os
 import pathlib
 import platform
 import sys
-import time
 from typing import Any, Callable, Sequence, TextIO
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from batchjax.config import TrainConfig
 from batchjax.errors import BatchjaxError
+from batchjax.memory import check_memory, describe_groups, split_groups
 from batchjax.model import MLP
-from batchjax.results import (CONFIG, MANIFEST, SCHEMA_VERSION, SweepResults, load_run,
-                              load_sweep, parse_run_name, read_json, remove_stale_temp_files,
-                              run_name, write_json_atomic, write_run)
+from batchjax.noise import make_measure
+from batchjax.results import (CONFIG, MANIFEST, SCHEMA_VERSION, DirectoryLock, SweepResults,
+                              abbreviate, check_out_dir, load_run, load_sweep, read_json,
+                              remove_stale_temp_files, run_name, sweep_identity,
+                              write_json_atomic, write_run, write_tables)
+from batchjax.rng import stream_key
+from batchjax.run import Run
 from batchjax.sharpness import SharpnessSettings, sharpness as compute_sharpness
-from batchjax.train import format_epoch, make_evaluate, train_seeds
+from batchjax.train import Interrupted, make_evaluate, train_runs
 
-# The command-line flag of each swept or shared setting, for messages that say what to change.
-FLAGS = {
-    "batch_sizes": "--batch-sizes", "seeds": "--seeds", "dataset": "--dataset",
-    "epochs": "--epochs", "learning_rate": "--lr", "lr_scaling": "--lr-scaling",
-    "reference_batch_size": "--reference-batch-size", "optimizer": "--optimizer",
-    "b1": "--b1", "b2": "--b2", "eps": "--eps", "hidden": "--hidden",
-    "noise_schedule": "--noise-every", "noise_points": "--noise-points",
-    "probe_size": "--probe-size", "unroll": "--unroll",
-}
-# Sharpness keys: fold_in(key(seed), _SHARPNESS_KEY) keeps them apart from the initialisation
-# (0) and shuffling (1) keys of `batchjax.train`.
-_SHARPNESS_KEY = 2
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "matplotlib", "tensorflow-datasets",
-            "batchjax")
-# Dataset fields that identify the data; `source` may word the same data differently.
-_DATASET_IDENTITY = ("name", "num_train", "num_val", "image_shape", "num_classes")
+            "tqdm", "batchjax")
+# Epoch segments of at most about this long, so that a stop request waits at most one.
+SEGMENT_SECONDS = 1.0
 
 
 # --------------------------------------------------------------------------------------------
-# Compilation cache
-
-COMPILE_CACHE_ENV = "BATCHJAX_COMPILE_CACHE"
-
-
-def compile_cache_dir(flag: str | None = None) -> str | None:
-    """The compilation cache directory of `scripts/sweep.py --compile-cache FLAG` (None: off).
-
-    FLAG "none" (or empty) turns the cache off. Without the flag: $BATCHJAX_COMPILE_CACHE if
-    set (again "none": off); else a cache JAX was already given (JAX_COMPILATION_CACHE_DIR);
-    else $XDG_CACHE_HOME/batchjax/xla, by default ~/.cache/batchjax/xla.
-    """
-    chosen = flag if flag is not None else os.environ.get(COMPILE_CACHE_ENV)
-    if chosen is not None:
-        return None if chosen.strip().lower() in ("", "none") else chosen
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "batchjax", "xla")
-
-
-def enable_compile_cache(path: str | os.PathLike | None) -> str | None:
-    """Keep this process's compiled XLA programs in JAX's persistent cache at `path`.
-
-    A later process that compiles the same program (same code, shapes, options, jax and
-    jaxlib) loads it instead: on 2 CPU cores a second default sweep on 60,000 examples takes
-    83 instead of 95 s. Loaded and freshly compiled programs compute the same numbers. Every
-    program is cached, however quickly it compiled (unless
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise). Call before the first
-    compilation; `path` None turns the cache off for this process. Returns the directory.
-
-    Raises:
-      BatchjaxError: `path` cannot be created or written (the cache is then left off).
-    """
-    jax.config.update("jax_enable_compilation_cache", False)
-    if path is None:
-        return None
-    path = os.fspath(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK):
-            raise PermissionError("not writable")
-    except OSError as err:
-        raise BatchjaxError(f"compile cache {path} is not a writable directory "
-                            f"({err.strerror or err})") from None
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's choice wins
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """A plain-text progress bar over `total` epochs, on `stream` (stderr by default).
-
-    On a terminal the bar is redrawn in place with a carriage return and other lines are printed
-    above it; elsewhere (CI logs, files) each update prints one line.
-    """
-
-    def __init__(self, total: int, *, stream: TextIO | None = None, enabled: bool = True,
-                 width: int = 30):
-        self.total, self.done, self.width = max(total, 0), 0, width
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.perf_counter()
-        self._drawn = False
-
-    def _bar(self) -> str:
-        frac = self.done / self.total if self.total else 1.0
-        filled = int(round(frac * self.width))
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-        eta_text = _clock(eta) if np.isfinite(eta) else "?"
-        return (f"sweep [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-                f"epochs {100 * frac:3.0f}% | elapsed {_clock(elapsed)} | eta {eta_text}")
-
-    def _clear(self) -> None:
-        if self.tty and self._drawn:
-            self.stream.write("\r\033[K")
-            self._drawn = False
-
-    def write(self, line: str) -> None:
-        """Print `line` (above the bar on a terminal)."""
-        if not self.enabled:
-            return
-        self._clear()
-        self.stream.write(line + "\n")
-        if self.tty:
-            self._draw()
-        self.stream.flush()
-
-    def _draw(self) -> None:
-        self.stream.write(self._bar())
-        self._drawn = True
-
-    def update(self, n: int = 1) -> None:
-        """Advance by `n` epochs and show the bar."""
-        self.done = min(self.done + n, self.total)
-        if not self.enabled:
-            return
-        if self.tty:
-            self._clear()
-            self._draw()
-        else:
-            self.stream.write(self._bar() + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
-        else f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def mean_epoch_line(batch_size: int, epoch: int, results: list) -> str:
-    """The Keras-like line of one finished epoch, averaged over the seeds still training."""
-    active = [r for r in results if len(r.history["epoch"]) == epoch]
-    prefix = f"bs {batch_size:>5d} | "
-    if not active:
-        return prefix + f"Epoch {epoch}/{results[0].config.epochs} - every seed has diverged"
-    history = {k: [float(np.mean([r.history[k][-1] for r in active]))]
-               for k in results[0].history}
-    line = prefix + format_epoch(epoch, results[0].config.epochs, history)
-    if len(results) > 1:
-        line += f" (mean of {len(active)} seeds)"
-    newly = [r for r in results if r.status == "diverged" and r.diverged_step is not None
-             and len(r.history["epoch"]) == epoch - 1]
-    for r in newly:
-        line += f" - seed {r.config.seed} DIVERGED at step {r.diverged_step}"
-    return line
-
-
-# --------------------------------------------------------------------------------------------
-# Provenance and the sweep's identity
+# Provenance
 
 
 def _now() -> str:
@@ -241,52 +90,8 @@ def collect_provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def shared_config(config: TrainConfig) -> dict[str, Any]:
-    """The configuration every run of a sweep shares: all fields but batch size and seed."""
-    d = config.to_dict()
-    d.pop("batch_size")
-    d.pop("seed")
-    return d
-
-
-def _identity(dataset_description: dict) -> dict:
-    return {k: dataset_description.get(k) for k in _DATASET_IDENTITY}
-
-
-def _differences(saved: dict, asked: dict) -> list[str]:
-    """Human-readable differences between a saved and an asked sweep description."""
-    diffs = []
-    for key, flag in (("batch_sizes", "--batch-sizes"), ("seeds", "--seeds")):
-        a, b = sorted(saved.get("sweep", {}).get(key, [])), sorted(asked["sweep"][key])
-        if a != b:
-            shown = (lambda s: len(s)) if key == "seeds" and a == list(range(len(a))) \
-                and b == list(range(len(b))) else (lambda s: ",".join(map(str, s)))
-            diffs.append(f"{flag} saved {shown(a)}, asked {shown(b)}")
-    saved_config, asked_config = saved.get("config", {}), asked["config"]
-    for key in sorted(set(saved_config) | set(asked_config)):
-        if saved_config.get(key) != asked_config.get(key):
-            diffs.append(f"{FLAGS.get(key, key)} saved {saved_config.get(key)!r}, "
-                         f"asked {asked_config.get(key)!r}")
-    if saved.get("sharpness") != asked["sharpness"]:
-        diffs.append(f"--sharpness saved {_sharpness_text(saved.get('sharpness'))}, "
-                     f"asked {_sharpness_text(asked['sharpness'])}")
-    saved_data = _identity(saved.get("dataset", {}))
-    asked_data = _identity(asked["dataset"])
-    if saved_data != asked_data:
-        diffs.append(f"--dataset saved {saved_data['name']} ({saved_data['num_train']} train / "
-                     f"{saved_data['num_val']} val), asked {asked_data['name']} "
-                     f"({asked_data['num_train']} train / {asked_data['num_val']} val)")
-    return diffs
-
-
-def _sharpness_text(settings: dict | None) -> str:
-    if not settings:
-        return "off"
-    return "on (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"
-
-
 # --------------------------------------------------------------------------------------------
-# Preparing the output directory
+# Checks before any work
 
 
 def check_grid(config: TrainConfig, batch_sizes: Sequence[int],
@@ -298,15 +103,16 @@ def check_grid(config: TrainConfig, batch_sizes: Sequence[int],
     """
     batch_sizes, seeds = list(batch_sizes), list(seeds)
     if not batch_sizes:
-        raise BatchjaxError("batch sizes must be a non-empty list, e.g. --batch-sizes 8,32,128")
+        raise BatchjaxError("batch_sizes must be a non-empty list, e.g. [8, 32, 128]")
     if len(set(batch_sizes)) != len(batch_sizes):
-        raise BatchjaxError(f"batch sizes must be distinct, got {batch_sizes}")
+        raise BatchjaxError(f"batch sizes must be distinct, got {abbreviate(batch_sizes)} "
+                            f"({len(batch_sizes) - len(set(batch_sizes))} repeated)")
     if not seeds or len(set(seeds)) != len(seeds):
-        raise BatchjaxError(f"seeds must be a non-empty list of distinct integers, got {seeds}; "
-                            "use e.g. --seeds 3")
+        raise BatchjaxError(f"seeds must be a non-empty list of distinct integers, got "
+                            f"{abbreviate(seeds) if seeds else '[]'}")
     for b in batch_sizes:
         dataclasses.replace(config, batch_size=b)  # validates the type and range
-    for s in seeds:
+    for s in (min(seeds), max(seeds)):
         dataclasses.replace(config, seed=s)
     return sorted(batch_sizes), sorted(seeds)
 
@@ -317,122 +123,112 @@ def check_against_data(config: TrainConfig, dataset, batch_sizes: Sequence[int])
         if b > dataset.num_train:
             raise BatchjaxError(f"batch size {b} is larger than the training set "
                                 f"({dataset.num_train:,} examples of {dataset.name}); choose "
-                                f"--batch-sizes of at most {dataset.num_train}")
+                                f"batch sizes of at most {dataset.num_train}")
     if config.probe_size > dataset.num_train:
         raise BatchjaxError(f"probe size {config.probe_size} is larger than the training set "
-                            f"({dataset.num_train:,} examples); choose --probe-size of at most "
+                            f"({dataset.num_train:,} examples); choose probe_size of at most "
                             f"{dataset.num_train} (0 means all of it)")
-
-
-def prepare_out_dir(out_dir: pathlib.Path, asked: dict, resume: bool) -> dict | None:
-    """Check that `out_dir` may hold the asked sweep; returns the saved manifest, if any.
-
-    Raises:
-      BatchjaxError: the directory holds another sweep, or something else, or a sweep while
-        `resume` is False; or it cannot be created.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BatchjaxError(f"--out {out_dir} is a file, not a directory; choose another --out")
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    manifest_path = out_dir / MANIFEST
-    if not entries:
-        return None
-    if not manifest_path.exists():
-        run_dirs = [e for e in entries if parse_run_name(e)]
-        what = (f"run directories ({run_dirs[0]}, ...) but no {MANIFEST}" if run_dirs
-                else f"{len(entries)} entries but no batchjax {MANIFEST}")
-        raise BatchjaxError(f"--out {out_dir} is not empty ({what}); choose another --out "
-                            "or empty it")
-    saved = read_json(manifest_path)
-    if not isinstance(saved, dict) or saved.get("kind") != "batchjax-sweep":
-        raise BatchjaxError(f"{manifest_path} is not a batchjax sweep manifest; choose "
-                            "another --out")
-    if not resume:
-        raise BatchjaxError(f"--out {out_dir} already holds a sweep; continue it with --resume, "
-                            f"or choose another --out (or delete {out_dir})")
-    diffs = _differences(saved, asked)
-    if diffs:
-        raise BatchjaxError(f"--resume: {out_dir} holds a sweep with a different configuration "
-                            f"({'; '.join(diffs)}); rerun with the saved flags, choose another "
-                            f"--out, or delete {out_dir} to start over")
-    return saved
 
 
 def _completed_seeds(out_dir: pathlib.Path, config: TrainConfig, seeds: list[int]) -> list[int]:
     done = []
     for s in seeds:
         run_dir = out_dir / run_name(config.batch_size, s)
+        if not (run_dir / "metrics.json").exists():
+            continue
         run = load_run(run_dir)
         if run is None:
             continue
-        asked = dataclasses.replace(config, seed=s)
-        if run.config != asked:
-            raise BatchjaxError(f"--resume: {run_dir / CONFIG} differs from the asked "
-                                f"configuration; choose another --out, or delete {run_dir}")
+        if run.config != dataclasses.replace(config, seed=s):
+            raise BatchjaxError(f"resume: {run_dir / CONFIG} differs from the asked "
+                                f"configuration; choose another results directory, or delete "
+                                f"{run_dir}")
         done.append(s)
     return done
 
 
 # --------------------------------------------------------------------------------------------
-# The sweep
+# Training one group, final evaluation, sharpness
 
 
-def _load_make_measure() -> Callable:
-    # Imported when needed, so the sweep (and its tests) work with noise measurement off.
-    return importlib.import_module("batchjax.noise").make_measure
+_EVALUATORS: dict = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_evaluate(hidden: int, num_classes: int) -> Callable:
-    # One compiled evaluation per model shape for the whole sweep, not one per batch size.
-    return jax.jit(make_evaluate(MLP(hidden, num_classes)))
+def _evaluator(model, loss_fn) -> Callable:
+    """One jitted evaluation per (model, loss_fn) for the whole sweep."""
+    key = (model, loss_fn)
+    try:
+        return _EVALUATORS[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable model: not cached
+        key = None
+    evaluate = jax.jit(make_evaluate(model, loss_fn))
+    if key is not None:
+        _EVALUATORS[key] = evaluate
+    return evaluate
 
 
-def evaluate_final_train(results: list, dataset) -> list[dict[str, float] | None]:
-    """Loss and accuracy of each result's final parameters on the whole training set.
-
-    Keras' epoch `train_loss` is a running mean over an epoch in which the parameters move; the
-    generalisation gap needs the final parameters on both splits. None for a diverged run.
-    """
-    config = results[0].config
-    evaluate = _jitted_evaluate(config.hidden, dataset.num_classes)
-    out = []
-    for r in results:
-        if r.status != "complete":
-            out.append(None)
-            continue
-        loss, accuracy = evaluate(r.params, dataset.x_train, dataset.y_train)
-        out.append({"loss": float(loss), "accuracy": float(accuracy)})
-    return out
+def evaluate_final_train(run: Run, dataset, *, model, loss_fn=None) -> dict[str, float] | None:
+    """Loss and accuracy of the run's final parameters on the whole training set (None if it
+    diverged). Keras' epoch `train_loss` is a running mean over an epoch in which the
+    parameters move; the generalisation gap needs the final parameters on both splits."""
+    if run.status != "complete":
+        return None
+    loss, accuracy = _evaluator(model, loss_fn)(run.params, dataset.x_train, dataset.y_train)
+    return {"loss": float(loss), "accuracy": float(accuracy)}
 
 
-def measure_final_sharpness(results: list, dataset, settings: SharpnessSettings
-                            ) -> list[dict[str, Any] | None]:
-    """Sharpness of each result's final parameters on the probe of `settings`; None if diverged.
+def measure_final_sharpness(run: Run, dataset, settings: SharpnessSettings, *, model,
+                            loss_fn=None) -> dict[str, Any] | None:
+    """Sharpness of the run's final parameters on the probe of `settings`; None if diverged.
 
     The probe is the first min(probe_size, N) training examples, the same for every run; the
-    Lanczos start vector and the Hutchinson probes come from the run's seed alone, so a resumed
-    sweep measures what an uninterrupted one would.
+    Lanczos start vector and the Hutchinson probes come from `rng.stream_key(seed,
+    "sharpness")`, so a resumed sweep measures what an uninterrupted one would.
     """
-    config = results[0].config
+    if run.status != "complete":
+        return None
     n = min(settings.probe_size or dataset.num_train, dataset.num_train)
     x_N, y_N = dataset.x_train[:n], dataset.y_train[:n]
-    model = MLP(config.hidden, dataset.num_classes)
-    evaluate = _jitted_evaluate(config.hidden, dataset.num_classes)
-    out = []
-    for r in results:
-        if r.status != "complete":
-            out.append(None)
-            continue
-        key = jax.random.fold_in(jax.random.key(r.config.seed), _SHARPNESS_KEY)
-        measured = compute_sharpness(r.params, x_N, y_N, model=model, key=key,
-                                     num_iters=settings.num_iters, tol=settings.tol,
-                                     hutchinson_samples=settings.hutchinson_samples)
-        loss, accuracy = evaluate(r.params, x_N, y_N)
-        out.append({**measured.to_dict(), "loss": float(loss), "accuracy": float(accuracy),
-                    "step": int(r.history["steps"][-1]),
-                    "examples_seen": int(r.history["examples_seen"][-1])})
-    return out
+    measured = compute_sharpness(run.params, x_N, y_N, model=model, loss_fn=loss_fn,
+                                 key=stream_key(run.seed, "sharpness"),
+                                 num_iters=settings.num_iters, tol=settings.tol,
+                                 hutchinson_samples=settings.hutchinson_samples)
+    loss, accuracy = _evaluator(model, loss_fn)(run.params, x_N, y_N)
+    return {**measured.to_dict(), "loss": float(loss), "accuracy": float(accuracy),
+            "step": int(run.history["steps"][-1]),
+            "examples_seen": int(run.history["examples_seen"][-1])}
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+
+
+def _epoch_text(epoch: int, epochs: int, h: dict[str, float]) -> str:
+    return (f"Epoch {epoch}/{epochs} - {h['train_seconds'] + h['eval_seconds']:.2f}s"
+            f" - loss: {h['train_loss']:.4f} - accuracy: {h['train_accuracy']:.4f}"
+            f" - val_loss: {h['val_loss']:.4f} - val_accuracy: {h['val_accuracy']:.4f}")
+
+
+def mean_epoch_line(batch_size: int, epoch: int, results: list) -> str:
+    """The Keras-like line of one finished epoch, averaged over the seeds still training."""
+    active = [r for r in results if len(r.history["epoch"]) == epoch]
+    prefix = f"bs {batch_size:>5d} | "
+    epochs = results[0].config.epochs
+    if not active:
+        return prefix + f"Epoch {epoch}/{epochs} - every seed has diverged"
+    mean = {k: float(np.mean([r.history[k][-1] for r in active])) for k in results[0].history}
+    line = prefix + _epoch_text(epoch, epochs, mean)
+    if len(results) > 1:
+        line += f" (mean of {len(active)} seeds)"
+    newly = [r.config.seed for r in results if r.status == "diverged"
+             and r.diverged_step is not None and len(r.history["epoch"]) == epoch - 1]
+    if newly:
+        line += f" - seeds {abbreviate(newly)} DIVERGED" if len(newly) > 1 else \
+            f" - seed {newly[0]} DIVERGED at step " + str(next(
+                r.diverged_step for r in results if r.config.seed == newly[0]))
+    return line
 
 
 def _sharpness_line(batch_size: int, seed: int, record: dict) -> str:
@@ -447,14 +243,54 @@ def _sharpness_line(batch_size: int, seed: int, record: dict) -> str:
             f"{'' if record['converged'] else ', NOT converged'}; {record['seconds']:.1f} s)")
 
 
+class _Console:
+    """Lines on `stream`, under a tqdm bar over the sweep's epochs when it is a terminal."""
+
+    def __init__(self, total: int, stream: TextIO | None, verbose: bool):
+        self.stream = stream if stream is not None else sys.stderr
+        self.verbose = verbose
+        tty = verbose and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = tqdm(total=total, unit="epoch", desc="sweep", file=self.stream,
+                        disable=not tty, dynamic_ncols=True, leave=False)
+
+    def write(self, line: str) -> None:
+        if self.verbose:
+            self.bar.write(line, file=self.stream)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+
+
+def _start_together(ok: bool, broadcast: Callable | None, barrier: Callable[[str], None]) -> bool:
+    """Every process of a multi-host job learns whether process 0 may start the sweep."""
+    if broadcast is None:
+        from jax.experimental import multihost_utils  # only multi-host jobs need it
+        broadcast = multihost_utils.broadcast_one_to_all
+    ok = bool(np.asarray(broadcast(np.int32(ok))))
+    barrier("batchjax-sweep-start")
+    return ok
+
+
 def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
-              batch_sizes: Sequence[int], seeds: Sequence[int], resume: bool = False,
-              command: Sequence[str] | None = None, verbose: bool = True,
-              stream: TextIO | None = None,
+              batch_sizes: Sequence[int], seeds: Sequence[int], model=None, optimizer=None,
+              loss_fn=None, resume: bool = False, command: Sequence[str] | None = None,
+              verbose: bool = True, stream: TextIO | None = None,
               on_epoch_end: Callable[[int, int, list], None] | None = None,
               sharpness: SharpnessSettings | None = SharpnessSettings(),
+              group_size: int | None = None, memory_limit: str | int | None = None,
+              should_stop: Callable[[], bool] | None = None,
+              segment_seconds: float | None = SEGMENT_SECONDS,
+              on_phase: Callable[[str], None] | None = None,
               process_index: int = 0, process_count: int = 1,
-              barrier: Callable[[str], None] | None = None) -> SweepResults:
+              barrier: Callable[[str], None] | None = None,
+              broadcast: Callable | None = None) -> SweepResults:
     """Train every (batch size, seed) of the grid and save each run under `out_dir`.
 
     Args:
@@ -462,115 +298,206 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
       config: the shared configuration; its `batch_size` and `seed` are replaced per run.
       dataset: a `batchjax.Dataset`.
       batch_sizes: the batch sizes to sweep.
-      seeds: the seeds of every batch size, trained together (vmapped).
+      seeds: the seeds of every batch size, trained together (vmapped) in groups that fit.
+      model, optimizer, loss_fn: the flax model, optax optimizer and per-example loss
+        (defaults: `MLP(config.hidden)`, `config.optimizer`, cross-entropy), used for
+        training, the final evaluation and sharpness. Not part of the saved identity: resume
+        with the same ones.
       resume: continue the sweep already in `out_dir`: skip completed runs, train the others.
       command: the command line to record (default `sys.argv`).
-      verbose: show the progress bar and a line per finished epoch on `stream`.
-      stream: where progress goes (default stderr).
-      on_epoch_end: optional `on_epoch_end(batch_size, epoch, results)` after each epoch's line.
+      verbose: show progress and a line per finished epoch on `stream` (default stderr).
+      stream: where progress goes.
+      on_epoch_end: optional `on_epoch_end(batch_size, epoch, results)` after each epoch.
       sharpness: how to measure each run's sharpness at its end, or None not to.
-      process_index, process_count, barrier: for a multi-host job (`jax.distributed`), every
-        process calls `run_sweep` on the same shared `out_dir`; process p trains the batch
-        sizes whose position in `batch_sizes` is p modulo `process_count`, on its own local
-        devices. Process 0 alone checks the directory and writes the manifest;
-        `barrier(name)` (e.g. `multihost_utils.sync_global_devices`) orders the processes.
+      group_size: most seeds trained together; None: as many as fit in memory.
+      memory_limit: bytes (or "8G") one device may use; default: `batchjax.memory`.
+      should_stop: polled at every safe point; True stops the sweep (`Interrupted`).
+      segment_seconds: epochs run in scan segments of about this long, so that a stop waits
+        at most one segment (None: whole epochs).
+      on_phase: called with a short description of each phase as it starts (for messages).
+      process_index, process_count, barrier, broadcast: for a multi-host job
+        (`jax.distributed`), every process calls `run_sweep` on the same shared `out_dir`;
+        process p trains the batch sizes whose position in `batch_sizes` is p modulo
+        `process_count`, on its own local devices. Process 0 alone locks and checks the
+        directory and writes the manifest and tables; `barrier(name)` (e.g.
+        `multihost_utils.sync_global_devices`) orders the processes, `broadcast` (default
+        `multihost_utils.broadcast_one_to_all`) tells them whether process 0 could start.
 
     Returns:
       The sweep as loaded back from disk (after every process has finished).
 
     Raises:
-      BatchjaxError: bad batch sizes, seeds or probe size; an output directory that holds
-        something else, or another configuration on resume; a write that failed.
+      BatchjaxError: bad batch sizes, seeds or probe size; a grid that does not fit in
+        memory; a directory in use by another sweep, or holding something else, or another
+        configuration on resume; a write that failed.
+      Interrupted: `should_stop()` returned True (every run saved so far is kept).
     """
     out_dir = pathlib.Path(out_dir)
-    batch_sizes, seeds = check_grid(config, batch_sizes, seeds)
-    check_against_data(config, dataset, batch_sizes)
-    configs = {b: dataclasses.replace(config, batch_size=b, seed=seeds[0]) for b in batch_sizes}
-    asked = {"sweep": {"batch_sizes": batch_sizes, "seeds": seeds, "epochs": config.epochs},
-             "config": shared_config(config),
-             "sharpness": sharpness.to_dict() if sharpness is not None else None,
-             "dataset": dataset.describe()}
+    stop = should_stop if should_stop is not None else (lambda: False)
+    phase = on_phase if on_phase is not None else (lambda text: None)
     if not 0 <= process_index < process_count:
         raise BatchjaxError(f"process_index {process_index} is not in [0, {process_count})")
     if process_count > 1 and barrier is None:
         raise BatchjaxError("a multi-process sweep needs a barrier (multihost_utils)")
+    phase("checking the grid and its memory")
+    batch_sizes, seeds = check_grid(config, batch_sizes, seeds)
+    check_against_data(config, dataset, batch_sizes)
+    group_sizes, _, _ = check_memory(
+        config, dataset, batch_sizes=batch_sizes, num_runs=len(seeds), model=model,
+        optimizer=optimizer, group_size=group_size, limit=memory_limit,
+        sharpness_iters=sharpness.num_iters if sharpness is not None else 0)
+    asked = sweep_identity(batch_sizes=batch_sizes, seeds=seeds, config=config,
+                           sharpness=sharpness.to_dict() if sharpness is not None else None,
+                           dataset=dataset.describe())
     lead = process_index == 0
+    lock, saved, error = None, None, None
     if lead:
-        saved = prepare_out_dir(out_dir, asked, resume)
+        try:
+            lock, saved = _open_out_dir(out_dir, asked, resume, process_count)
+        except BatchjaxError as err:
+            error = err
+    if process_count > 1 and not _start_together(error is None, broadcast, barrier) and not lead:
+        raise BatchjaxError(f"process 0 could not start the sweep in {out_dir} (see its error)")
+    if error is not None:
+        raise error
+    console = _Console(0, stream, verbose)
+    try:
+        if lock is not None and lock.taken_over:
+            console.write(f"note: took over the lock of {out_dir} left by process "
+                          f"{lock.taken_over.get('pid')} on {lock.taken_over.get('host')}, "
+                          "which no longer runs")
+        return _sweep(out_dir, config, dataset, batch_sizes=batch_sizes, seeds=seeds,
+                      model=model, optimizer=optimizer, loss_fn=loss_fn, resume=resume,
+                      saved=saved, asked=asked, group_sizes=group_sizes, command=command,
+                      console=console, on_epoch_end=on_epoch_end, sharpness=sharpness,
+                      stop=stop, phase=phase, segment_seconds=segment_seconds,
+                      process_index=process_index, process_count=process_count,
+                      barrier=barrier)
+    finally:
+        console.close()
+        if lock is not None:
+            lock.release()
+
+
+def _open_out_dir(out_dir: pathlib.Path, asked: dict, resume: bool,
+                  process_count: int) -> tuple[DirectoryLock, dict | None]:
+    """Create and lock `out_dir` and check that it may hold the asked sweep (process 0).
+
+    Returns the held lock and the saved manifest (None for a fresh sweep)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BatchjaxError(f"results directory {out_dir} is a file; choose another directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BatchjaxError(f"cannot create the results directory {out_dir}: "
+                            f"{err.strerror or err}; choose another") from None
+    lock = DirectoryLock(out_dir, processes=process_count).acquire()
+    try:
+        saved = check_out_dir(out_dir, asked, resume)
         if saved is not None:
             remove_stale_temp_files(out_dir)
-    if process_count > 1:
-        barrier("batchjax-sweep-start")  # the lead has checked and prepared the directory
+    except BaseException:
+        lock.release()
+        raise
+    return lock, saved
+
+
+def _sweep(out_dir, config, dataset, *, batch_sizes, seeds, model, optimizer, loss_fn, resume,
+           saved, asked, group_sizes, command, console, on_epoch_end, sharpness, stop, phase,
+           segment_seconds, process_index, process_count, barrier) -> SweepResults:
+    lead = process_index == 0
     if not lead:
         saved = read_json(out_dir / MANIFEST) if resume else None
     mine = [b for i, b in enumerate(batch_sizes) if i % process_count == process_index]
-    todo = {}
+    groups = {}
     for b in mine:
-        done = _completed_seeds(out_dir, configs[b], seeds) if saved is not None else []
-        missing = [s for s in seeds if s not in done]
+        base = dataclasses.replace(config, batch_size=b, seed=seeds[0])
+        done = _completed_seeds(out_dir, base, seeds) if saved is not None else []
+        missing = [s for s in seeds if s not in set(done)]
         if missing:
-            todo[b] = missing
-
+            groups[b] = split_groups(missing, group_sizes[b])
     session = {**collect_provenance(command), "started": _now(), "finished": None,
-               "trained": [run_name(b, s) for b, ss in todo.items() for s in ss]}
+               "trained": [run_name(b, s) for b, gs in groups.items() for g in gs for s in g],
+               "group_sizes": {str(b): group_sizes[b] for b in groups}}
     manifest = saved or {"kind": "batchjax-sweep", "schema": SCHEMA_VERSION, **asked,
                          "started": session["started"], "finished": None, "sessions": []}
+    manifest["schema"] = SCHEMA_VERSION
     manifest["sessions"] = list(manifest.get("sessions", [])) + [session]
     manifest["finished"] = None
     if lead:
         write_json_atomic(out_dir / MANIFEST, manifest)
 
-    progress = Progress(sum(config.epochs for _ in todo), stream=stream, enabled=verbose)
-    skipped = [b for b in mine if b not in todo]
+    console.bar.reset(total=sum(config.epochs * len(gs) for gs in groups.values()))
+    skipped = [b for b in mine if b not in groups]
     if skipped:
-        progress.write(f"resume: batch sizes {', '.join(map(str, skipped))} already complete "
-                       "for every seed; skipped")
-    make_measure = None
-    if config.noise_schedule != "none" and todo:
-        make_measure = _load_make_measure()
-    try:
-        for b, missing in todo.items():
-            run_config = configs[b]
-            for s in missing:
-                write_json_atomic(out_dir / run_name(b, s) / CONFIG,
-                                  dataclasses.replace(run_config, seed=s).to_dict())
-            progress.write(f"bs {b:>5d} | training seeds {','.join(map(str, missing))} "
-                           f"({dataset.name}, {dataset.num_train:,} examples, "
-                           f"{-(-dataset.num_train // b)} steps per epoch)")
+        console.write(f"resume: batch sizes {abbreviate(skipped)} already complete for every "
+                      "seed; skipped")
+    model = model if model is not None else MLP(config.hidden, dataset.num_classes)
+    noise_on = config.noise_schedule != "none"
+    for b, group_list in groups.items():
+        if len(group_list) > 1:
+            console.write(f"bs {b:>5d} | {sum(map(len, group_list)):,} seeds do not fit in "
+                          f"memory together: {describe_groups(group_list)}")
+        for g, group in enumerate(group_list):
+            _check(stop)
+            configs = [dataclasses.replace(config, batch_size=b, seed=s) for s in group]
+            names = [run_name(b, s) for s in group]
+            for c, name in zip(configs, names):
+                write_json_atomic(out_dir / name / CONFIG, c.to_dict())
+            where = f" (group {g + 1}/{len(group_list)})" if len(group_list) > 1 else ""
+            console.write(f"bs {b:>5d} | training seeds {abbreviate(group)}{where} "
+                          f"({dataset.name}, {dataset.num_train:,} examples, "
+                          f"{-(-dataset.num_train // b):,} steps per epoch)")
+            training = f"compiling or training batch size {b}, seeds {abbreviate(group)}"
             measure = None
-            if make_measure is not None:
+            if noise_on:
                 # Keyed by seed, not by position in the group, so a resumed sweep that trains
                 # only some seeds measures what an uninterrupted one would.
-                measure = make_measure(dataset, run_config, batch_sizes=batch_sizes,
-                                       seeds=missing)
+                measure_noise = make_measure(dataset, configs[0], batch_sizes=batch_sizes,
+                                             seeds=group, model=model, loss_fn=loss_fn)
+
+                def measure(params_list, step, examples_seen, b=b, training=training,
+                            measure_noise=measure_noise):
+                    phase(f"measuring the gradient noise of batch size {b} at step {step}")
+                    records = measure_noise(params_list, step, examples_seen)
+                    phase(training)
+                    return records
 
             def epoch_done(epoch, results, b=b):
-                progress.update(1)
-                progress.write(mean_epoch_line(b, epoch, results))
+                console.update(1)
+                console.write(mean_epoch_line(b, epoch, results))
                 if on_epoch_end is not None:
                     on_epoch_end(b, epoch, results)
+                _check(stop)
 
-            results = train_seeds(run_config, dataset, missing, measure=measure,
-                                  on_epoch_end=epoch_done)
+            phase(training)
+            results = train_runs(configs, dataset, model=model, optimizer=optimizer,
+                                 loss_fn=loss_fn, measure=measure, on_epoch_end=epoch_done,
+                                 should_stop=stop, segment_seconds=segment_seconds)
             left = config.epochs - max(len(r.history["epoch"]) for r in results)
-            if left:  # every seed diverged early: the bar still ends at its total
-                progress.update(left)
-            hessians = (measure_final_sharpness(results, dataset, sharpness)
-                        if sharpness is not None else [None] * len(results))
-            for r, final_train, hessian in zip(results, evaluate_final_train(results, dataset),
-                                               hessians):
-                write_run(out_dir, r, trained_with_seeds=missing, final_train=final_train,
-                          sharpness=hessian)
-                if hessian is not None:
-                    progress.write(_sharpness_line(b, r.config.seed, hessian))
-                if r.status == "diverged":
-                    progress.write(f"bs {b:>5d} | seed {r.config.seed} diverged at step "
-                                   f"{r.diverged_step}; saved with status 'diverged'")
-    finally:
-        progress.close()
+            console.update(left)  # every seed diverged early: the bar still ends at its total
+            for run in results:
+                run.trained_with = list(names)
+                _check(stop)
+                phase(f"final evaluation and sharpness of {run_name(b, run.seed)}")
+                run.final_train = evaluate_final_train(run, dataset, model=model, loss_fn=loss_fn)
+                if sharpness is not None:
+                    run.sharpness = measure_final_sharpness(run, dataset, sharpness, model=model,
+                                                            loss_fn=loss_fn)
+                write_run(out_dir, run)
+                if run.sharpness is not None:
+                    console.write(_sharpness_line(b, run.seed, run.sharpness))
+                if run.status == "diverged":
+                    console.write(f"bs {b:>5d} | seed {run.seed} diverged at step "
+                                  f"{run.diverged_step}; saved with status 'diverged'")
+                run.params = None  # keep memory bounded over many groups
     if process_count > 1:
         barrier("batchjax-sweep-end")  # every process has written its runs
+    results = None
     if lead:
+        phase("writing the tables")
+        results = load_sweep(out_dir)
+        write_tables(out_dir, results.runs)
         session["finished"] = manifest["finished"] = _now()
         if process_count > 1:
             session["processes"] = process_count
@@ -578,4 +505,9 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
         write_json_atomic(out_dir / MANIFEST, manifest)
     if process_count > 1:
         barrier("batchjax-sweep-manifest")
-    return load_sweep(out_dir)
+    return results if results is not None else load_sweep(out_dir)
+
+
+def _check(stop: Callable[[], bool]) -> None:
+    if stop():
+        raise Interrupted("stop requested")

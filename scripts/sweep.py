@@ -5,38 +5,49 @@
     python scripts/sweep.py --resume              # continue a stopped sweep in --out
     python scripts/sweep.py --batch-sizes 16,64 --epochs 3 --seeds 1 --out /tmp/try
     python scripts/sweep.py --preset critical --out results/critical   # B = 8, 16, ..., 1024
+    python scripts/figures.py results --figures-dir figures   # redraw the committed figures/
 
-Flags map one to one onto `batchjax.TrainConfig` fields (`--lr` is learning_rate,
-`--noise-every` is noise_schedule); results go to --out (layout: `batchjax.results`), figures to
---figures-dir, and the report is printed and saved as OUT/report.md. Each run's sharpness is
-measured at its end (`--no-sharpness` skips it; settings: `batchjax.sharpness.SharpnessSettings`).
+Flags map one to one onto `batchjax.TrainConfig` fields (`--learning-rate` is learning_rate,
+also `--lr`; `--noise-schedule` is noise_schedule, also `--noise-every`; `--hidden 256,128` is
+hidden); results go to --out (layout: `batchjax.results`), figures to --figures-dir (default
+OUT/figures, so that a sweep never overwrites the committed figures/ of another dataset),
+the report to OUT/report.md; the console ends with the claims' verdicts and the report's
+path. Each run's sharpness is measured at its end (`--no-sharpness` skips it; settings:
+`batchjax.sharpness.SharpnessSettings`).
 
 A preset changes only defaults: flags given explicitly win. `--preset critical` is the critical
 batch size experiment: batch sizes 8, 16, ..., 1024 (powers of two), 20 epochs, 3 seeds. 20
 epochs give B = 1024 (4 steps per epoch on mnist-5k) 80 steps, which bring every batch size
 below a training loss of about 0.23, the default target; the fitted B_crit hardly moves with the
 budget (73-86 for 15 to 30 epochs on mnist-5k), while each further epoch costs mostly the
-gradient-noise measurements at large batch sizes. On 2 CPU cores the preset takes about 2.5
-minutes on mnist-5k (measured with nothing compiled yet: 136 s of training with noise at every
-epoch end and sharpness at the end, then 13 s of figures and report).
+gradient-noise measurements at large batch sizes.
 `--target-loss` and `--target-accuracy` override the report's automatically chosen targets.
 Compiled programs are kept for later runs in ~/.cache/batchjax/xla (`--compile-cache DIR`, or
-`none`; `batchjax.sweep.enable_compile_cache`), and figures are drawn in up to 4 processes.
+`none`), and figures are drawn in up to 4 processes.
 
-Bad input prints one line `error: ...` and exits with status 2; an interrupted sweep (Ctrl-C,
-SIGTERM) keeps every finished run and exits with status 130.
+Limits: before any work the sweep estimates the memory of the grid (`batchjax.memory`) and
+refuses one that cannot fit, or trains the seeds in groups that fit (`--group-size`,
+`--memory-limit`). One sweep writes a results directory at a time (a lock naming its holder).
+
+Bad input prints one line `error: ...` and exits with status 2. Stopping: the first SIGINT
+(Ctrl-C) or SIGTERM stops the sweep at the next safe point (between epoch segments of about
+a second, measurements and runs), or, when no safe point comes within `STOP_SECONDS` (a long
+compilation, a long measurement), ends the process then; a second signal ends it at once.
+Either way the exit status is 130, every finished run is kept (all files are written
+atomically) and `--resume` continues.
 """
 
 import argparse
+import os
+import select
 import signal
+import socket
 import sys
+import threading
 import time
 
 from batchjax.config import LR_SCALINGS, NOISE_SCHEDULES, OPTIMIZERS, TrainConfig
-from batchjax.data import load_dataset
 from batchjax.errors import BatchjaxError
-from batchjax.plots import SCRIPT_WORKERS, make_figures
-from batchjax.report import critical_analysis, write_report
 
 DEFAULTS = TrainConfig()
 # Flags a preset may change, with their values without a preset.
@@ -44,6 +55,10 @@ BASE = {"batch_sizes": [8, 32, 128], "epochs": DEFAULTS.epochs, "seeds": 3}
 PRESETS = {
     "critical": {"batch_sizes": [2 ** k for k in range(3, 11)], "epochs": 20, "seeds": 3},
 }
+# The longest a stop request waits for a safe point before the process ends anyway
+# ($BATCHJAX_STOP_SECONDS overrides it).
+STOP_SECONDS = float(os.environ.get("BATCHJAX_STOP_SECONDS") or 5.0)
+COMPILE_CACHE_ENV = "BATCHJAX_COMPILE_CACHE"
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,16 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help=f"default {BASE['epochs']}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds: 0..S-1 (default 3)")
     p.add_argument("--dataset", default="auto",
-                   help="auto (tfds mnist if prepared, else mnist-5k), mnist-5k, synthetic, or "
-                        "a tfds name")
-    p.add_argument("--data-dir", default=None, help="tfds data directory")
-    p.add_argument("--download", action="store_true", help="let tfds download and prepare")
+                   help="auto (real MNIST if found locally: tfds-prepared, Keras' cached "
+                        "mnist.npz or IDX files in --data-dir; else the bundled mnist-5k; never "
+                        "downloads), mnist (the same sources, content checked by SHA-256), "
+                        "fashion_mnist, mnist-5k, synthetic, or a tfds name")
+    p.add_argument("--data-dir", default=None,
+                   help="tfds data directory, also searched for the four MNIST or "
+                        "Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...)")
+    p.add_argument("--download", action="store_true",
+                   help="mnist: fetch Keras' mnist.npz (11 MB, SHA-256 pinned) into "
+                        "$KERAS_HOME/datasets or ~/.keras/datasets when not found; other tfds "
+                        "datasets: let tfds download and prepare (needs TensorFlow)")
     p.add_argument("--out", default="results", help="results directory (default results/)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out: skip complete runs, redo the others")
-    p.add_argument("--figures-dir", default="figures", help="default figures/")
+    p.add_argument("--figures-dir", default=None,
+                   help="default OUT/figures; the committed figures/ are redrawn on purpose: "
+                        "python scripts/figures.py results --figures-dir figures")
     p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress; the report still prints")
+    p.add_argument("--quiet", action="store_true", help="no progress; the verdicts still print")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="most seeds trained together (default: as many as fit in memory)")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory one device may use, e.g. 8G (default: the device's, or the "
+                        "host's available memory; also $BATCHJAX_MEMORY_LIMIT)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: join a jax.distributed job (coordinator, process count and "
                         "id from the flags below or detected from SLURM/Open MPI/...); each "
@@ -94,16 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("--lr", type=float, default=DEFAULTS.learning_rate, help="learning_rate")
+    p.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float,
+                   default=DEFAULTS.learning_rate)
     p.add_argument("--lr-scaling", choices=LR_SCALINGS, default=DEFAULTS.lr_scaling)
     p.add_argument("--reference-batch-size", type=int, default=DEFAULTS.reference_batch_size)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer)
+    p.add_argument("--momentum", type=float, default=DEFAULTS.momentum,
+                   help="of the momentum and nesterov optimizers")
     p.add_argument("--b1", type=float, default=DEFAULTS.b1)
     p.add_argument("--b2", type=float, default=DEFAULTS.b2)
     p.add_argument("--eps", type=float, default=DEFAULTS.eps)
-    p.add_argument("--hidden", type=int, default=DEFAULTS.hidden)
-    p.add_argument("--noise-every", choices=NOISE_SCHEDULES, default=DEFAULTS.noise_schedule,
-                   help="noise_schedule: epoch (at init and every epoch end), log, or none")
+    p.add_argument("--hidden", type=int_list, default=list(DEFAULTS.hidden),
+                   help="hidden layer widths, comma-separated (default 128; e.g. 256,128)")
+    p.add_argument("--noise-schedule", "--noise-every", dest="noise_schedule",
+                   choices=NOISE_SCHEDULES, default=DEFAULTS.noise_schedule,
+                   help="epoch (at init and every epoch end), log, or none")
     p.add_argument("--noise-points", type=int, default=DEFAULTS.noise_points)
     p.add_argument("--probe-size", type=int, default=DEFAULTS.probe_size,
                    help="training examples for the noise statistics (0: all)")
@@ -129,11 +163,75 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+# Fields of TrainConfig the flags set (the flag is the field with dashes).
+CONFIG_FLAGS = ("epochs", "learning_rate", "lr_scaling", "reference_batch_size", "optimizer",
+                "momentum", "b1", "b2", "eps", "hidden", "noise_schedule", "noise_points",
+                "probe_size", "unroll")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})
+
+
 def check_targets(target_loss: float | None, target_accuracy: float | None) -> None:
     if target_loss is not None and not (target_loss > 0 and target_loss < float("inf")):
         raise BatchjaxError(f"--target-loss must be a finite number > 0, got {target_loss}")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
         raise BatchjaxError(f"--target-accuracy must be in (0, 1], got {target_accuracy}")
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation cache (process-wide JAX settings: the script's business, not the library's)
+
+
+def compile_cache_dir(flag: str | None = None) -> str | None:
+    """The compilation cache directory of `--compile-cache FLAG` (None: off).
+
+    FLAG "none" (or empty) turns the cache off. Without the flag: $BATCHJAX_COMPILE_CACHE if
+    set (again "none": off); else a cache JAX was already given (JAX_COMPILATION_CACHE_DIR);
+    else $XDG_CACHE_HOME/batchjax/xla, by default ~/.cache/batchjax/xla.
+    """
+    import jax
+
+    chosen = flag if flag is not None else os.environ.get(COMPILE_CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "none") else chosen
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "batchjax", "xla")
+
+
+def enable_compile_cache(path: str | os.PathLike | None) -> str | None:
+    """Keep this process's compiled XLA programs in JAX's persistent cache at `path`.
+
+    A later process that compiles the same program (same code, shapes, options, jax and
+    jaxlib) loads it instead. Loaded and freshly compiled programs compute the same numbers.
+    Every program is cached, however quickly it compiled (unless
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise). Call before the first
+    compilation; `path` None turns the cache off for this process. Returns the directory.
+
+    Raises:
+      BatchjaxError: `path` cannot be created or written (the cache is then left off).
+    """
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    if path is None:
+        return None
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as err:
+        raise BatchjaxError(f"compile cache {path} is not a writable directory "
+                            f"({err.strerror or err})") from None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's choice wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
 
 
 def distributed_setup(args) -> dict:
@@ -153,90 +251,226 @@ def distributed_setup(args) -> dict:
             "barrier": multihost_utils.sync_global_devices}
 
 
-# Signals received. The handler's KeyboardInterrupt is lost when it lands inside a callback
-# whose exceptions Python ignores (JAX's garbage-collection hook, a __del__), so the sweep also
-# checks this list after every epoch and before the report.
-_SIGNALS: list[int] = []
+# --------------------------------------------------------------------------------------------
+# Signals
 
 
-def _raise_interrupt(signum, frame):
-    _SIGNALS.append(signum)
-    raise KeyboardInterrupt
+class StopSignals:
+    """SIGTERM and SIGINT (where not ignored) as stop requests, with a bounded wait.
+
+    The first signal sets the request, which the sweep polls at its safe points (`__call__`,
+    passed as `should_stop`); in phases marked interruptible (set-up, figures) it also raises
+    KeyboardInterrupt in the main thread at once. The main thread may be inside one long call
+    that Python cannot interrupt (an XLA compilation, a long measurement): the signal handler
+    of Python runs only between bytecodes of the main thread. So the signals also reach a
+    watchdog thread through `signal.set_wakeup_fd`, which the interpreter's C-level handler
+    writes at once; if the main thread has not finished (`claim_exit`) within `seconds` of the
+    first signal, or when a second signal comes, the watchdog ends the process with status 130
+    (after releasing the results directory's lock and ending the figure processes). Files are
+    written atomically, so no half-written file looks complete.
+    """
+
+    def __init__(self, seconds: float = STOP_SECONDS, out_dir: str = "results",
+                 stream=None):
+        self.seconds, self.out_dir = seconds, out_dir
+        self.stream = stream if stream is not None else sys.stderr
+        self.phase, self.interruptible = "set-up", True
+        self.requested_at: float | None = None
+        self._exit_lock = threading.Lock()  # held by whoever ends the process
+        self._say_lock = threading.Lock()  # orders the watchdog's notice before the last line
+        self._finishing = False
+
+    def __call__(self) -> bool:
+        return self.requested_at is not None
+
+    def set_phase(self, text: str, interruptible: bool = False) -> None:
+        """Name what the main thread does now; `interruptible`: a KeyboardInterrupt raised
+        anywhere in it is harmless (no training state, no half-done step)."""
+        self.phase, self.interruptible = text, interruptible
+
+    def interrupted_line(self, reason: str = "") -> str:
+        return (f"interrupted: finished runs are saved in {self.out_dir}/; continue with "
+                f"--resume{reason}")
+
+    def __enter__(self) -> "StopSignals":
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._done_read, self._done_write = os.pipe()
+        handled = [signal.SIGTERM]
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            handled.append(signal.SIGINT)  # not where it is ignored, as for a background job
+        self._handled = set(handled)
+        self._previous = {s: signal.signal(s, self._python_handler) for s in handled}
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="batchjax-stop", daemon=True)
+        self._thread.start()
+        return self
+
+    def _python_handler(self, signum, frame) -> None:
+        # Runs in the main thread, possibly late; the watchdog acts on the signal in any case.
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            if self.interruptible:
+                raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        count, deadline = 0, None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._read, self._done_read], [], [], timeout)
+            if self._done_read in ready:
+                return
+            if self._read in ready:
+                count += sum(1 for s in self._read.recv(64) if s in self._handled)
+                if count == 1 and deadline is None:
+                    deadline = time.monotonic() + self.seconds
+                    if self.requested_at is None:
+                        self.requested_at = time.monotonic()
+                    with self._say_lock:
+                        if not self._finishing:
+                            self._say(f"stopping at the next safe point ({self.phase}); "
+                                      "signal again to stop at once")
+                elif count > 1:
+                    self._exit(" (stopped at once by a second signal)")
+            elif deadline is not None and time.monotonic() >= deadline:
+                self._exit(f" (stopped during {self.phase}: no safe point within "
+                           f"{self.seconds:g} s)")
+
+    def _say(self, line: str) -> None:
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _exit(self, reason: str) -> None:
+        if not self._exit_lock.acquire(blocking=False):
+            return  # the main thread is finishing already
+        try:
+            from batchjax.results import DirectoryLock
+            DirectoryLock.release_all()
+        except Exception:  # noqa: BLE001 - nothing may keep the process from ending
+            pass
+        if "multiprocessing" in sys.modules:
+            for child in sys.modules["multiprocessing"].active_children():
+                child.terminate()
+        self._say(self.interrupted_line(reason))
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os._exit(130)
+
+    def claim_exit(self) -> bool:
+        """The main thread takes over ending the process; False if the watchdog is doing it."""
+        with self._say_lock:
+            self._finishing = True
+        return self._exit_lock.acquire(blocking=False)
+
+    def __exit__(self, *exc) -> None:
+        os.write(self._done_write, b"x")
+        self._thread.join()
+        signal.set_wakeup_fd(self._previous_fd)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        for f in (self._read, self._write):
+            f.close()
+        os.close(self._done_read)
+        os.close(self._done_write)
 
 
-def _check_interrupt(*_):
-    if _SIGNALS:
-        raise KeyboardInterrupt
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def sweep_and_report(args: argparse.Namespace, stop: StopSignals) -> int:
+    config = config_from_args(args)
+    if args.seeds < 1:
+        raise BatchjaxError(f"--seeds must be at least 1, got {args.seeds}")
+    check_targets(args.target_loss, args.target_accuracy)
+    if args.cpu_devices < 0:
+        raise BatchjaxError(f"--cpu-devices must be >= 0, got {args.cpu_devices}")
+    if args.memory_limit is not None:
+        from batchjax.memory import parse_bytes
+        parse_bytes(args.memory_limit)
+    # Imported here, not at the top: the figure processes start by importing this script
+    # again, and drawing needs neither JAX nor the training code.
+    stop.set_phase("set-up (importing JAX)", interruptible=True)
+    from batchjax.data import load_dataset
+    from batchjax.sharpness import SharpnessSettings
+    from batchjax.sweep import Interrupted, check_grid, run_sweep
+
+    try:
+        enable_compile_cache(compile_cache_dir(args.compile_cache))
+    except BatchjaxError as err:
+        if args.compile_cache is not None:
+            raise
+        print(f"note: {err}; compiling without it", file=sys.stderr)
+    batch_sizes, seeds = check_grid(config, args.batch_sizes, range(args.seeds))
+    stop.set_phase("set-up (loading the dataset)", interruptible=True)
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
+                           verbose=not args.quiet)
+    if stop():
+        raise Interrupted
+    if args.cpu_devices:
+        import jax
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    processes = distributed_setup(args) if args.distributed else {}
+    start = time.perf_counter()
+    results = run_sweep(args.out, config, dataset, batch_sizes=batch_sizes, seeds=seeds,
+                        resume=args.resume, command=sys.argv, verbose=not args.quiet,
+                        sharpness=SharpnessSettings() if args.sharpness else None,
+                        group_size=args.group_size, memory_limit=args.memory_limit,
+                        should_stop=stop, on_phase=stop.set_phase, **processes)
+    train_time = time.perf_counter() - start
+    if processes.get("process_index", 0) != 0:
+        return 0  # process 0 draws the figures and writes the report
+    stop.set_phase("figures and report", interruptible=True)
+    if stop():
+        raise Interrupted
+    from batchjax.analysis import analyse
+    from batchjax.plots import SCRIPT_WORKERS, make_figures
+    from batchjax.report import verdict_table, write_report
+
+    figures_dir = args.figures_dir or os.path.join(args.out, "figures")
+    analysis = analyse(results, target_loss=args.target_loss,
+                       target_accuracy=args.target_accuracy)
+    figures, notes = ([], []) if args.no_figures else make_figures(
+        results, figures_dir, analysis=analysis, workers=SCRIPT_WORKERS)
+    if stop():
+        raise Interrupted
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    write_report(analysis, figures=figures, notes=notes)
+    print(verdict_table(analysis))
+    print(f"full report: {results.path / 'report.md'}")
+    if not args.quiet:
+        print(f"sweep: {train_time:.1f} s; results in {args.out}/ (history.csv, noise.csv, "
+              f"report.md, summary.csv, summary.tex)" + ("" if args.no_figures else
+                                                        f"; {len(figures)} figure files in "
+                                                        f"{figures_dir}/"), file=sys.stderr)
+    return 0
 
 
 def main(argv=None) -> int:
     args = apply_preset(build_parser().parse_args(argv))
-    # Imported here, not at the top: the figure processes start by importing this script
-    # again, and drawing needs neither JAX nor the training code.
-    from batchjax.sharpness import SharpnessSettings
-    from batchjax.sweep import check_grid, compile_cache_dir, enable_compile_cache, run_sweep
-    _SIGNALS.clear()
-    handled = [signal.SIGTERM]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        handled.append(signal.SIGINT)  # not where it is ignored, as for a background job
-    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in handled}
-    try:
-        config = TrainConfig(
-            epochs=args.epochs, learning_rate=args.lr, lr_scaling=args.lr_scaling,
-            reference_batch_size=args.reference_batch_size, optimizer=args.optimizer,
-            b1=args.b1, b2=args.b2, eps=args.eps, hidden=args.hidden,
-            noise_schedule=args.noise_every, noise_points=args.noise_points,
-            probe_size=args.probe_size, unroll=args.unroll)
-        if args.seeds < 1:
-            raise BatchjaxError(f"--seeds must be at least 1, got {args.seeds}")
-        check_targets(args.target_loss, args.target_accuracy)
+    with StopSignals(out_dir=args.out) as stop:
         try:
-            enable_compile_cache(compile_cache_dir(args.compile_cache))
+            return sweep_and_report(args, stop)
         except BatchjaxError as err:
-            if args.compile_cache is not None:
+            if not stop():
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+        except KeyboardInterrupt:  # batchjax.sweep.Interrupted, or raised by the handler
+            pass
+        except Exception:
+            if not stop():
                 raise
-            print(f"note: {err}; compiling without it", file=sys.stderr)
-        batch_sizes, seeds = check_grid(config, args.batch_sizes, range(args.seeds))
-        dataset = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
-                               verbose=not args.quiet)
-        if args.cpu_devices < 0:
-            raise BatchjaxError(f"--cpu-devices must be >= 0, got {args.cpu_devices}")
-        if args.cpu_devices:
-            import jax
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-        processes = distributed_setup(args) if args.distributed else {}
-        start = time.perf_counter()
-        results = run_sweep(args.out, config, dataset, batch_sizes=batch_sizes, seeds=seeds,
-                            resume=args.resume, command=sys.argv, verbose=not args.quiet,
-                            sharpness=SharpnessSettings() if args.sharpness else None,
-                            on_epoch_end=_check_interrupt, **processes)
-        _check_interrupt()
-        train_time = time.perf_counter() - start
-        if processes.get("process_index", 0) != 0:
-            return 0  # process 0 draws the figures and writes the report
-        targets = {"target_loss": args.target_loss, "target_accuracy": args.target_accuracy}
-        analysis = critical_analysis(results, **targets)
-        figures, notes = ([], []) if args.no_figures else make_figures(
-            results, args.figures_dir, analysis=analysis, workers=SCRIPT_WORKERS, **targets)
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-        print(write_report(results, figures=figures, notes=notes, analysis=analysis, **targets))
-        if not args.quiet:
-            print(f"sweep: {train_time:.1f} s; results in {args.out}/ (report.md, summary.csv, "
-                  f"summary.tex)" + ("" if args.no_figures else
-                                     f"; {len(figures)} figure files in {args.figures_dir}/"),
-                  file=sys.stderr)
-    except BatchjaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished runs are saved in {args.out}/; continue with --resume",
-              file=sys.stderr)
+            # After a stop request, e.g. figure processes that the signal ended too.
+        if not stop.claim_exit():
+            time.sleep(STOP_SECONDS + 60)  # the watchdog is ending the process
+        print(stop.interrupted_line(), file=sys.stderr)
         return 130
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return 0
 
 
 if __name__ == "__main__":

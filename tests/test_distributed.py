@@ -25,8 +25,25 @@ WORKER = textwrap.dedent("""
     if count > 1:
         kwargs = {"process_index": jax.process_index(), "process_count": jax.process_count(),
                   "barrier": multihost_utils.sync_global_devices}
+    seen = []
+
+    def on_phase(text):
+        # While training, who holds the directory? Another sweep would be refused.
+        if text.startswith("compiling") and not seen:
+            import json, os
+            from batchjax.errors import BatchjaxError
+            from batchjax.results import DirectoryLock
+            seen.append(json.loads(open(os.path.join(out, ".lock")).read()))
+            try:
+                DirectoryLock(out).acquire()
+                seen.append("acquired")
+            except BatchjaxError as err:
+                seen.append(str(err))
+            with open(f"{out}.lock-seen-{index}.json", "w") as f:
+                json.dump(seen, f)
+
     run_sweep(out, config, data, batch_sizes=[8, 32, 64], seeds=[0, 1], verbose=False,
-              sharpness=None, **kwargs)
+              sharpness=None, on_phase=on_phase, **kwargs)
 """)
 
 
@@ -39,10 +56,9 @@ def free_port():
 def step_losses(out):
     runs = {}
     for name in sorted(os.listdir(out)):
-        path = os.path.join(out, name, "metrics.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                runs[name] = json.load(f)["step_losses"]
+        if os.path.exists(os.path.join(out, name, "metrics.json")):
+            with np.load(os.path.join(out, name, "steps.npz")) as arrays:
+                runs[name] = arrays["step_losses"]
     return runs
 
 
@@ -67,3 +83,12 @@ def test_two_process_sweep_matches_one_process(tmp_path):
     # Process 0 wrote the manifest once, after every process had saved its runs.
     assert manifest["finished"] is not None and len(manifest["sessions"]) == 1
     assert manifest["sessions"][0]["processes"] == 2
+    # One lock for the job, held by process 0 (pid of procs[0]) for both processes; any other
+    # sweep of the directory, here one started inside either process, is refused meanwhile.
+    for i in range(2):
+        with open(f"{tmp_path / 'multi'}.lock-seen-{i}.json") as f:
+            holder, attempt = json.load(f)
+        assert holder["pid"] == procs[0].pid and holder["processes"] == 2
+        assert f"in use by the sweep of process {procs[0].pid} on host" in attempt
+        assert "2 processes of one job" in attempt
+    assert (tmp_path / "multi" / ".lock").read_text() == ""  # released at the end
