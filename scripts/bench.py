@@ -13,7 +13,14 @@ Rows:
               processes)
   noise       `gradient_stats` over the 60,000 training examples: the fast Dense path with the
               per-parameter variances and with the traces alone (the sweep's measurement),
-              each the median of --rounds processes, and the vmap path
+              each the median of --rounds processes, and the vmap path; against BackPACK's
+              `Variance` and `BatchL2Grad` (alternating with batchjax's processes, median of
+              --rounds) and a `torch.func` vmap of per-example gradients (one process), at the
+              same parameters on the same examples (benchmarks/peers/backpack_noise.py, in the
+              torch venv with backpack-for-pytorch installed)
+  second call a second `train()` of one epoch at the largest B with a new learning rate and seed,
+              after a first in the same process: its wall time over its epoch (nothing
+              compiles again); the median of --rounds processes
   peers       Keras `fit` (TensorFlow and JAX backends) and a PyTorch loop, when their Python
               environments exist (see README: Benchmark)
   sweep       `scripts/sweep.py` with its defaults (B = 8, 32, 128; 10 epochs; 3 seeds; noise
@@ -39,6 +46,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,12 +140,64 @@ def worker_noise(method, repeats, num_train, elementwise=1):
             "trace_cov": float(stats.trace_cov), "grad_sq_norm": float(np.asarray(stats.grad_sq_norm))}
 
 
-WORKERS = {"scan": worker_scan, "loop": worker_loop, "noise": worker_noise}
+def worker_noise_params(path):
+    """Writes the parameters `worker_noise` measures at, for the PyTorch noise peers: an npz
+    with one key per leaf ("hidden/kernel", ...)."""
+    import jax
+    import numpy as np
+    from batchjax.model import MLP, init_params
+    params = init_params(MLP(), jax.random.key(0), (28, 28))
+    np.savez(path, **{f"{layer}/{name}": np.asarray(value)
+                      for layer, leaves in params.items() for name, value in leaves.items()})
+    return {"path": str(path)}
+
+
+def worker_second_call(batch_size, num_train):
+    """A second `train()` of one epoch with another learning rate and seed, in the process
+    that made the first: its wall time against its own epoch (train + validation)."""
+    import dataclasses
+    from batchjax import TrainConfig, train
+    data = _synthetic(num_train)
+    first = TrainConfig(batch_size=batch_size, epochs=1, noise_schedule="none")
+    t0 = time.perf_counter()
+    train(first, data)
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run = train(dataclasses.replace(first, learning_rate=2e-3, seed=1), data)
+    wall = time.perf_counter() - t0
+    epoch = float(run.history["train_seconds"][0] + run.history["eval_seconds"][0])
+    return {"first_call_s": first_s, "second_call_s": wall, "epoch_s": epoch,
+            "ratio": wall / epoch, "compile_s": run.compile_seconds}
+
+
+WORKERS = {"scan": worker_scan, "loop": worker_loop, "noise": worker_noise,
+           "noise_params": worker_noise_params, "second_call": worker_second_call}
 # (row name, method, elementwise) of the gradient-statistics rows.
 NOISE_ROWS = (("dense", "dense", 1), ("dense-traces", "dense", 0), ("vmap", "vmap", 1))
 NOISE_LABELS = {"dense": "dense, with per-parameter variances",
                 "dense-traces": "dense, traces only (the sweep's)",
                 "vmap": "vmap, with per-parameter variances"}
+NOISE_PEER_SCRIPT = REPO / "benchmarks" / "peers" / "backpack_noise.py"
+# PyTorch noise peer -> (label, the batchjax row computing the same quantities).
+NOISE_PEERS = {"backpack_l2": ("BackPACK `BatchL2Grad` (traces)", "dense-traces"),
+               "backpack_variance": ("BackPACK `Variance` (per-parameter variances)", "dense"),
+               "torch_func": ("`torch.func` vmap of per-example gradients (variances)", "dense")}
+
+
+def run_noise_peer(python, way, params_path, repeats, num_train):
+    """One PyTorch noise peer (`NOISE_PEERS`) in its own process: its row, or {"error": ...}."""
+    cmd = [python, str(NOISE_PEER_SCRIPT), "--params", str(params_path), "--only", way,
+           "--repeats", str(repeats), "--num-train", str(num_train)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {"error": str(err)}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    out = json.loads(lines[-1])
+    return {**out[way], "peak_mib": out["meta"]["ru_maxrss_mib"], "torch": out["meta"]["torch"],
+            "backpack": out["meta"]["backpack"], "threads": out["meta"]["threads"]}
 
 
 # The issue's reference epoch seconds of the original Keras recipe (TensorFlow backend,
@@ -222,8 +282,10 @@ def median_run(runs, field):
 
 
 def find_python(flag_value, env_name, default_dir):
+    venv = default_dir.lstrip(".")  # also ../venvs/peer-keras, ../venvs/peer-torch
     for candidate in (flag_value, os.environ.get(env_name), REPO / default_dir / "bin" / "python",
-                      REPO.parent / default_dir / "bin" / "python"):
+                      REPO.parent / default_dir / "bin" / "python",
+                      REPO.parent / "venvs" / venv / "bin" / "python"):
         if candidate and Path(candidate).exists():
             return str(candidate)
     return None
@@ -312,12 +374,34 @@ def main(argv=None):
                     rows[f"seeds{s}x{cores}dev/{b}"] = median_run(
                         [run_worker("scan", b, s, epochs, n, cores) for _ in range(args.rounds)],
                         "per_seed_epoch_s")
-    for name, method, elementwise in NOISE_ROWS:
-        log(f"noise statistics: {name} ...")
-        runs = args.rounds if method == "dense" else 1
-        rows[f"noise/{name}"] = median_run(
-            [run_worker("noise", method, args.repeats, n, elementwise) for _ in range(runs)],
-            "seconds")
+    b = max(batch_sizes)
+    log(f"a second train() call at B = {b} x{args.rounds} ...")
+    rows[f"second_call/{b}"] = median_run(
+        [run_worker("second_call", b, n) for _ in range(args.rounds)], "ratio")
+    # The PyTorch noise peers need torch and backpack-for-pytorch (benchmarks/peers).
+    torch_python = None if args.no_peers else find_python(
+        args.torch_python, "BATCHJAX_TORCH_PYTHON", ".peer-torch")
+    with tempfile.TemporaryDirectory(prefix="batchjax-bench-noise-") as tmp:
+        params_path = Path(tmp) / "params.npz"
+        if torch_python:
+            run_worker("noise_params", params_path)
+        for name, method, elementwise in NOISE_ROWS:
+            log(f"noise statistics: {name} ...")
+            runs = args.rounds if method == "dense" else 1
+            peer = {"dense": "backpack_variance", "dense-traces": "backpack_l2"}.get(name)
+            ours, theirs = [], []
+            for _ in range(runs):  # alternating, as for the epochs
+                ours.append(run_worker("noise", method, args.repeats, n, elementwise))
+                if torch_python and peer:
+                    theirs.append(run_noise_peer(torch_python, peer, params_path, args.repeats,
+                                                 n))
+            rows[f"noise/{name}"] = median_run(ours, "seconds")
+            if theirs:
+                rows[f"noise/{peer}"] = median_run(theirs, "seconds")
+        if torch_python:
+            log("noise statistics: torch.func ...")
+            rows["noise/torch_func"] = run_noise_peer(torch_python, "torch_func", params_path, 0,
+                                                      n)
     if not args.no_sweep:
         log("the default sweep, end to end: empty, then warm compilation cache ...")
         for label, row in run_sweep_end_to_end().items():
@@ -385,11 +469,43 @@ def render(rows, batch_sizes, seed_counts, meta):
         ratio = f"{r['seconds'] / epoch:.2f}" if r.get("seconds") and epoch else "-"
         lines.append(f"| {NOISE_LABELS[name]} | {fmt(r.get('seconds'))} | "
                      f"{fmt(r.get('examples_per_s'), 0)} | {ratio} | {fmt(r.get('peak_mib'), 0)} |")
+    second = rows.get(f"second_call/{max(batch_sizes)}", {})
+    if "ratio" in second:
+        lines += ["", f"## A second `train()` call: one epoch at B = {max(batch_sizes)}, another "
+                  "learning rate and seed, in the same process (median of the processes)", "",
+                  "| first call (s) | second call (s) | its epoch (s) | second call / epoch | "
+                  "compile in the second (s) |", "|---|---|---|---|---|",
+                  f"| {fmt(second['first_call_s'])} | {fmt(second['second_call_s'])} | "
+                  f"{fmt(second['epoch_s'])} | {second['ratio']:.2f}x | "
+                  f"{fmt(second['compile_s'])} |"]
+    lines += render_noise_peers(rows)
     lines += render_sweep(rows)
     errors = [f"- {k}: {v['error']}" for k, v in rows.items() if "error" in v]
     if errors:
         lines += ["", "Failed measurements:", *errors]
     return "\n".join(lines)
+
+
+def render_noise_peers(rows):
+    """The PyTorch noise peers against the batchjax rows that compute the same quantities."""
+    body = []
+    for peer, (label, ours_name) in NOISE_PEERS.items():
+        theirs, ours = rows.get(f"noise/{peer}", {}), rows.get(f"noise/{ours_name}", {})
+        if "seconds" not in theirs:
+            continue
+        ahead = (f"{theirs['seconds'] / ours['seconds']:.2f}x" if ours.get("seconds")
+                 else "-")
+        agree = (f"{abs(theirs['trace_cov'] - ours['trace_cov']) / abs(ours['trace_cov']):.0e}"
+                 if ours.get("trace_cov") else "-")
+        body.append(f"| {label} | {fmt(theirs['seconds'])} | {fmt(theirs.get('first_call_s'))} "
+                    f"| {NOISE_LABELS[ours_name]} | {fmt(ours.get('seconds'))} "
+                    f"| {fmt(ours.get('first_call_s'))} | {ahead} | {agree} |")
+    if not body:
+        return []
+    return ["", "## Gradient statistics against PyTorch (the same MLP, parameters and 60,000 "
+            "examples, each in its own process)", "",
+            "| peer | seconds | first call | batchjax | seconds | first call | batchjax ahead by "
+            "| trace_cov relative difference |", "|---|---|---|---|---|---|---|---|", *body]
 
 
 def render_sweep(rows):

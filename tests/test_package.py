@@ -74,3 +74,55 @@ def test_the_readme_library_example_runs():
         assert len(result.noise) == config.epochs + 1
     """))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# The package's modules in the direction data flows: each may import only modules before it.
+ORDER = ("errors", "config", "run", "mnist_files", "data", "model", "losses", "optim", "rng",
+         "noise", "sharpness", "steps", "train", "results", "memory", "critical", "stats", "analysis",
+         "plots", "report", "sweep")
+# Modules that figure and report processes load: no JAX, no Flax, no optax.
+JAX_FREE = ("errors", "config", "run", "results", "critical", "stats", "analysis", "plots",
+            "report")
+
+
+def batchjax_imports(path: Path) -> dict[str, set[str]]:
+    """Every module a file imports (top level or inside functions): batchjax.* and others."""
+    import ast
+
+    found = {"batchjax": set(), "other": set()}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+            if node.module == "batchjax":  # from batchjax import noise
+                names = [f"batchjax.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("batchjax."):
+                found["batchjax"].add(name.split(".")[1])
+            else:
+                found["other"].add(name.split(".")[0])
+    return found
+
+
+def test_modules_import_only_modules_before_them():
+    modules = sorted(p.stem for p in (ROOT / "batchjax").glob("*.py") if p.stem != "__init__")
+    assert set(modules) <= set(ORDER), f"modules missing from ORDER: {set(modules) - set(ORDER)}"
+    wrong = []
+    for name in modules:
+        imports = batchjax_imports(ROOT / "batchjax" / f"{name}.py")["batchjax"]
+        wrong += [f"{name} imports {dep}" for dep in sorted(imports)
+                  if dep in ORDER and ORDER.index(dep) >= ORDER.index(name)]
+    assert not wrong, wrong
+
+
+def test_figure_side_modules_import_no_jax_even_indirectly():
+    present = [n for n in JAX_FREE if (ROOT / "batchjax" / f"{n}.py").exists()]
+    closure = {name: batchjax_imports(ROOT / "batchjax" / f"{name}.py") for name in present}
+    for name in present:
+        deps = closure[name]["batchjax"] - {"errors"}
+        assert deps <= set(JAX_FREE), f"{name} imports {deps - set(JAX_FREE)}"
+        heavy = closure[name]["other"] & {"jax", "jaxlib", "flax", "optax"}
+        assert not heavy, f"{name} imports {heavy}"
