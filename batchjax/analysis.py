@@ -44,6 +44,19 @@ Definitions:
   evaluation are upper bounds, left out of the fit). A fit needs >= 3 batch sizes at which every
   seed reached the target; B_crit is compared with B_simple averaged over training (each run's
   mean over its noise records, then the mean over runs).
+* Critical batch size with the learning rate tuned per batch size (issue #15; `analyse_grid`,
+  for a sweep with a learning-rate grid): steps to the sweep's fixed training-loss target for
+  every (B, rate, seed), each run reached or not with the reason (diverged, hopeless, budget,
+  missing: counted, never dropped). The best rate of B has the fewest mean steps among the
+  rates where every seed reached the target (`choose_best_rate`; exact ties to the smaller
+  rate); at an edge of B's final grid it is unreliable (out of the rate fits, kept in S(B)).
+  S(B), E(B): mean over seeds at the best rate, t intervals. Eq. 2.11 is fitted to S(B); its
+  bootstrap resamples seeds within each batch size and re-selects the best rate in every draw.
+  The best rate against B: eq. 2.7 (`critical.fit_optimal_learning_rate`, t intervals on n - 2
+  df) and a power law (slope of log2 rate on log2 B, t interval). B_simple along the best runs:
+  each run's time average from step 0 to its crossing (`run_b_simple_average`), the mean over
+  seeds, then over batch sizes (t interval on their number - 1 df); B_simple / B_crit by a t
+  test on the logs (delta method, Satterthwaite df), two-sided.
 """
 
 from __future__ import annotations
@@ -1087,6 +1100,642 @@ def critical_analysis(results: SweepResults, *, target_loss: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
+# The critical batch size with the learning rate tuned per batch size (issue #15)
+
+REACHED, DIVERGED, HOPELESS, BUDGET, NOT_REACHED, MISSING, AT_START = (
+    "reached", "diverged", "hopeless", "budget", "not reached", "missing", "at start")
+OUTCOME_TEXT = {
+    DIVERGED: "diverged before reaching it", HOPELESS: "stopped as hopeless (its steps exceeded "
+    "the sweep's stop factor times the fewest steps to the target at its batch size)",
+    BUDGET: "stopped at the epoch budget", NOT_REACHED: "trained to its end without reaching it",
+    MISSING: "no completed run", AT_START: "at the target before its first step (the target "
+    "is above the initial loss; not a usable count)"}
+GRID_BOOTSTRAP = 1000
+MAX_GRID_EXTENSIONS = 2  # per direction, as the sweep extends (design.md, round 2)
+SGD_FAMILY = ("sgd", "momentum", "nesterov")
+
+
+def is_grid_sweep(results: SweepResults) -> bool:
+    """Whether the sweep tuned the learning rate per batch size: its manifest has a `grid`, or
+    runs of one batch size differ in learning rate."""
+    if results.manifest.get("grid"):
+        return True
+    rates: dict[int, set[float]] = {}
+    for r in results.runs:
+        rates.setdefault(r.batch_size, set()).add(r.config.learning_rate)
+    return any(len(v) > 1 for v in rates.values())
+
+
+def run_stop_reason(run: Run) -> str | None:
+    """Why the sweep stopped a run ("target", "hopeless", "budget", "diverged": `Run.stopped`),
+    or None when not recorded."""
+    return getattr(run, "stopped", None)
+
+
+def default_grid_target_loss(results: SweepResults) -> float | None:
+    """For a grid without a recorded target: the lowest smoothed training loss that, at every
+    batch size, some learning rate brings every seed to (per rate, the highest of its seeds'
+    lowest smoothed losses; per batch size, the lowest of those over rates; then the highest
+    over batch sizes), rounded up to two significant digits."""
+    per_rate: dict[tuple[int, float], list[float]] = {}
+    for r in results.runs:
+        per_rate.setdefault((r.batch_size, r.config.learning_rate), []).append(
+            min_smoothed_loss(r))
+    best: dict[int, float] = {}
+    for (b, _), lows in per_rate.items():
+        worst = max(lows) if all(np.isfinite(lows)) else float("nan")
+        if np.isfinite(worst) and worst > 0:
+            best[b] = min(best.get(b, math.inf), worst)
+    return _ceil_significant(max(best.values())) if best else None
+
+
+def grid_run_label(run: Run) -> str:
+    """The run's directory name, or `bs00032_lr0.00316_seed0` as a grid sweep names it."""
+    if run.path is not None:
+        return run.path.name
+    return f"bs{run.batch_size:05d}_lr{run.config.learning_rate:.3g}_seed{run.seed}"
+
+
+def run_b_simple_average(run: Run, until_step: float) -> float:
+    """A run's B_simple averaged over training from its first noise record to `until_step`:
+    the time average (in steps, equivalently in examples) of the records joined by straight
+    lines, the value at `until_step` interpolated towards the next record (or held after the
+    last). The records of a log-spaced schedule crowd the first steps, so their plain mean
+    would weigh the first percent of training as much as the rest. NaN without a record at or
+    before `until_step`."""
+    points = sorted((float(rec["step"]), float(rec["noise_scale"])) for rec in run.noise
+                    if rec.get("noise_scale") is not None and rec.get("step") is not None
+                    and np.isfinite(rec["noise_scale"]))
+    if not points or points[0][0] > until_step:
+        return float("nan")
+    steps_R, values_R = (np.asarray(v) for v in zip(*points))
+    if until_step <= steps_R[0]:
+        return float(values_R[0])
+    value_end = float(np.interp(until_step, steps_R, values_R))  # held beyond the last
+    keep = steps_R < until_step
+    x = np.concatenate([steps_R[keep], [until_step]])
+    y = np.concatenate([values_R[keep], [value_end]])
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / (x[-1] - x[0]))
+
+
+@dataclasses.dataclass
+class SeedOutcome:
+    """One run of the grid (or the absence of one) against the target.
+
+    Attributes:
+      seed: the seed.
+      outcome: `REACHED`, or why not: `DIVERGED`, `HOPELESS`, `BUDGET`, `NOT_REACHED`,
+        `MISSING` (no completed run), `AT_START`.
+      steps, examples: to the target (interpolated crossing), NaN unless reached.
+      b_simple: B_simple averaged over the run's records up to its crossing
+        (`run_b_simple_average`), NaN unless reached with records.
+      name: the run's name.
+      run: the run itself (None when missing; in memory only).
+    """
+
+    seed: int
+    outcome: str
+    steps: float
+    examples: float
+    b_simple: float
+    name: str
+    run: Run | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass
+class RateCell:
+    """The runs of one batch size and learning rate, one per expected seed."""
+
+    batch_size: int
+    learning_rate: float
+    seeds: list[SeedOutcome]
+
+    @property
+    def reached(self) -> int:
+        return sum(s.outcome == REACHED for s in self.seeds)
+
+    @property
+    def complete(self) -> bool:
+        """Every expected seed reached the target (the rule for the best rate)."""
+        return bool(self.seeds) and self.reached == len(self.seeds)
+
+    @property
+    def steps(self) -> Estimate:
+        """Steps to the target over the seeds that reached it."""
+        return Estimate.of([s.steps for s in self.seeds])
+
+    @property
+    def examples(self) -> Estimate:
+        return Estimate.of([s.examples for s in self.seeds])
+
+    @property
+    def b_simple(self) -> Estimate:
+        return Estimate.of([s.b_simple for s in self.seeds])
+
+    def outcomes(self) -> dict[str, int]:
+        """How many seeds ended how, e.g. {"reached": 2, "hopeless": 1}."""
+        out: dict[str, int] = {}
+        for s in self.seeds:
+            out[s.outcome] = out.get(s.outcome, 0) + 1
+        return out
+
+
+@dataclasses.dataclass
+class BestRate:
+    """The best learning rate of one batch size, chosen from a table of steps (`choose_best_rate`).
+
+    Attributes:
+      index: of the best rate among the rates given, or None when no rate had every seed
+        reach the target.
+      edge: "low" or "high" when the best is the smallest or largest rate of the grid, "single"
+        when the grid has one rate, else None.
+      near: indices of the eligible rates whose mean steps are not significantly above the
+        best's (one-sided Welch t test at `stats.ALPHA`), the best included: how sharply the
+        grid pins the best rate down.
+      ties: indices of eligible rates with exactly the best's mean steps (the smallest rate
+        among them is chosen).
+      faster_partial: indices of rates where some seeds, not all, reached the target, with a
+        lower mean over those than the best's: excluded by the rule, listed for the report.
+    """
+
+    index: int | None
+    edge: str | None
+    near: list[int]
+    ties: list[int]
+    faster_partial: list[int]
+
+
+def choose_best_rate(steps_RxS: np.ndarray) -> BestRate:
+    """The best learning rate of one batch size: among the rates (rows, ascending) whose every
+    seed (column) reached the target (finite steps), the fewest mean steps; exact ties go to
+    the smaller rate. NaN marks a seed that did not reach the target (or is missing), so a rate
+    with one such seed is never the best: runs that fail count as failures, not as absent.
+
+    Args:
+      steps_RxS: steps to the target [num_rates, num_seeds], rates ascending.
+
+    Returns:
+      A `BestRate`.
+    """
+    steps_RxS = np.asarray(steps_RxS, np.float64)
+    num_rates = steps_RxS.shape[0]
+    finite_RxS = np.isfinite(steps_RxS)
+    eligible_R = finite_RxS.all(axis=1) & (steps_RxS.shape[1] > 0)
+    if not eligible_R.any():
+        return BestRate(None, None, [], [], [])
+    means_R = np.full(num_rates, np.nan)
+    means_R[eligible_R] = steps_RxS[eligible_R].mean(axis=1)
+    best_mean = np.nanmin(means_R)
+    ties = [int(i) for i in np.flatnonzero(means_R == best_mean)]
+    best = ties[0]
+    edge = ("single" if num_rates == 1 else "low" if best == 0
+            else "high" if best == num_rates - 1 else None)
+    near = []
+    for i in np.flatnonzero(eligible_R):
+        test = stats.welch(steps_RxS[i], steps_RxS[best])
+        if i == best or not (test.known and test.p(stats.GREATER) < stats.ALPHA):
+            near.append(int(i))
+    partial_R = finite_RxS.any(axis=1) & ~eligible_R
+    faster = [int(i) for i in np.flatnonzero(partial_R)
+              if np.mean(steps_RxS[i][finite_RxS[i]]) < best_mean]
+    return BestRate(best, edge, near, ties, faster)
+
+
+@dataclasses.dataclass
+class BatchRates:
+    """One batch size of a learning-rate grid: every rate tried and the best one.
+
+    Attributes:
+      batch_size: B.
+      cells: one per learning rate of the grid at B, ascending.
+      choice: the `BestRate` over `cells`.
+      extended: the sweep's extensions of this B's grid ("up", "down"), from the manifest.
+      note: why there is no best rate, or None.
+    """
+
+    batch_size: int
+    cells: list[RateCell]
+    choice: BestRate
+    extended: list[str]
+    note: str | None = None
+
+    @property
+    def learning_rates(self) -> list[float]:
+        return [c.learning_rate for c in self.cells]
+
+    @property
+    def best(self) -> RateCell | None:
+        return self.cells[self.choice.index] if self.choice.index is not None else None
+
+    @property
+    def edge(self) -> str | None:
+        return self.choice.edge
+
+    @property
+    def unreliable(self) -> bool:
+        """The best rate is at an edge of the (final) grid: the optimum may lie beyond it, so
+        the rate is a bound and its steps an upper bound on those at the optimum. Left out of
+        the fits of the best rate against B."""
+        return self.choice.edge is not None
+
+    @property
+    def extensions_left(self) -> bool:
+        """Whether the sweep would still extend the grid past the edge the best rate is on."""
+        direction = {"low": "down", "high": "up"}.get(self.choice.edge or "")
+        return direction is not None and self.extended.count(direction) < MAX_GRID_EXTENSIONS
+
+    @property
+    def steps(self) -> Estimate:
+        """S(B): steps to the target at the best rate (t interval over seeds)."""
+        return self.best.steps if self.best else Estimate.of([])
+
+    @property
+    def examples(self) -> Estimate:
+        """E(B): examples to the target at the best rate."""
+        return self.best.examples if self.best else Estimate.of([])
+
+    def not_reached(self) -> dict[str, int]:
+        """Runs of this batch size that did not reach the target, by reason."""
+        out: dict[str, int] = {}
+        for cell in self.cells:
+            for outcome, n in cell.outcomes().items():
+                if outcome != REACHED:
+                    out[outcome] = out.get(outcome, 0) + n
+        return out
+
+
+@dataclasses.dataclass
+class RateScaling:
+    """The best learning rate against batch size, over the batch sizes with a reliable best.
+
+    Attributes:
+      batch_sizes, learning_rates: the points (unreliable and rate-less batch sizes left out).
+      excluded: (B, reason) of the batch sizes left out.
+      eq27: eps_opt(B) = eps_max / (1 + B_noise / B) (`critical.fit_optimal_learning_rate`),
+        or None (fewer than 3 points).
+      power: the slope k of log2 eps on log2 B, with its t interval on n - 2 df (eps ∝ B^k),
+        or None.
+      primary: "eq27" for the SGD family, "power" for Adam (what the figure draws).
+      note: why a fit is missing, or None.
+    """
+
+    batch_sizes: list[int]
+    learning_rates: list[float]
+    excluded: list[tuple[int, str]]
+    eq27: critical.OptimalRateFit | None
+    power: Slope | None
+    primary: str
+    note: str | None = None
+
+
+@dataclasses.dataclass
+class NoiseComparison:
+    """B_simple along the best runs against B_crit.
+
+    Attributes:
+      by_batch_size: per batch size in the fit, the `Estimate` over seeds of each best run's
+        B_simple averaged over training up to its crossing (`run_b_simple_average`).
+      b_simple: the `Estimate` over batch sizes of those means (t interval on batch sizes - 1
+        df: the batch sizes are the units; their seeds' spread is inside each mean).
+      ratio: B_simple / B_crit.
+      test: the t test of log(B_simple) - log(B_crit): SE^2 = (SE / mean)^2 of B_simple plus
+        (SE / B_crit)^2 of the fit (delta method), on the Satterthwaite df of the two.
+      ratio_interval: exp of the 95% t interval of that log difference.
+      ratio_bootstrap: 95% percentile interval of the ratio over the seed bootstrap (the same
+        draws as B_crit's), or None.
+      records: the most noise records a best run had up to its crossing.
+    """
+
+    by_batch_size: dict[int, Estimate]
+    b_simple: Estimate
+    ratio: float
+    test: TTest
+    ratio_interval: tuple[float, float]
+    ratio_bootstrap: tuple[float, float] | None
+    records: int
+
+    @property
+    def outcome(self) -> str:
+        """"larger" (B_simple significantly above B_crit, two-sided p < ALPHA), "smaller",
+        "indistinguishable", or "unknown" (no SE)."""
+        if not self.test.known:
+            return "unknown"
+        if self.test.p() >= stats.ALPHA:
+            return "indistinguishable"
+        return "larger" if self.test.diff > 0 else "smaller"
+
+
+@dataclasses.dataclass
+class GridAnalysis:
+    """The critical batch size with the learning rate tuned per batch size (`analyse_grid`).
+
+    Attributes:
+      optimizer: the sweep's optimizer.
+      target_loss: the training-loss target (smoothed per-step loss, `critical`).
+      target_source: "given", "manifest" (fixed by the sweep before training) or "default"
+        (`default_grid_target_loss`: the sweep recorded none).
+      seeds: the seeds expected at every batch size and rate.
+      rates: per batch size (ascending), the `BatchRates`.
+      fit: eq. 2.11 fitted to S(B) at the best rates (`critical.fit_critical_batch`), its
+        bootstrap interval that of the seed bootstrap that re-selects the best rate in every
+        draw (`_bootstrap_grid`); None without 3 batch sizes with a best rate.
+      fit_without_unreliable: the same fit without the unreliable batch sizes, when some are
+        and 3 others remain (a robustness check), else None.
+      fit_note: why there is no fit, or None.
+      regimes: `critical.regimes(fit)` of a valid fit, or None.
+      scaling: the best learning rate against B.
+      noise: B_simple along the best runs against B_crit, or None (no fit or no records).
+      noise_description: how the sweep measured noise (schedule, probe size).
+      settings: the sweep's grid settings from the manifest (stop_factor, max_epochs, ...).
+      num_bootstrap: bootstrap draws behind the intervals.
+    """
+
+    optimizer: str
+    target_loss: float
+    target_source: str
+    seeds: list[int]
+    rates: dict[int, BatchRates]
+    fit: critical.CriticalFit | None
+    fit_without_unreliable: critical.CriticalFit | None
+    fit_note: str | None
+    regimes: critical.Regimes | None
+    scaling: RateScaling
+    noise: NoiseComparison | None
+    noise_description: str
+    settings: dict
+    num_bootstrap: int
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return list(self.rates)
+
+    @property
+    def fit_df(self) -> int:
+        return len(self.fit.batch_sizes) - 2 if self.fit is not None else 0
+
+    @property
+    def b_crit_t_interval(self) -> tuple[float, float] | None:
+        """95% t interval of B_crit on `fit_df` df, on the log scale (as
+        `TargetAnalysis.b_crit_t_interval`)."""
+        return _log_t_interval(self.fit, self.fit_df)
+
+    @property
+    def unreliable(self) -> list[int]:
+        return [b for b, r in self.rates.items() if r.best is not None and r.unreliable]
+
+    @property
+    def unreached(self) -> list[int]:
+        """Batch sizes where no rate brought every seed to the target."""
+        return [b for b, r in self.rates.items() if r.best is None]
+
+
+def _log_t_interval(fit: critical.CriticalFit | None, df: int) -> tuple[float, float] | None:
+    if fit is None or not fit.valid or df < 1 or not np.isfinite(fit.b_crit_stderr):
+        return None
+    half = stats.t_quantile(0.975, df) * fit.b_crit_stderr / fit.b_crit
+    return fit.b_crit * math.exp(-half), fit.b_crit * math.exp(half)
+
+
+def _same_rate(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6)
+
+
+def _seed_outcome(run: Run | None, seed: int, target: float, label: str) -> SeedOutcome:
+    nan = float("nan")
+    if run is None:
+        return SeedOutcome(seed, MISSING, nan, nan, nan, label)
+    hit = critical.steps_to_target(run, train_loss=target)
+    if hit is not None and hit[0] > 0:
+        return SeedOutcome(seed, REACHED, hit[0], hit[1], run_b_simple_average(run, hit[0]),
+                           grid_run_label(run), run)
+    if hit is not None:
+        outcome = AT_START
+    elif run.diverged or run_stop_reason(run) == "diverged":
+        outcome = DIVERGED
+    else:
+        outcome = {"hopeless": HOPELESS, "budget": BUDGET}.get(run_stop_reason(run) or "",
+                                                               NOT_REACHED)
+    return SeedOutcome(seed, outcome, nan, nan, nan, grid_run_label(run), run)
+
+
+def _grid_settings(results: SweepResults) -> dict:
+    return dict(results.manifest.get("grid") or {})
+
+
+def _batch_rates(results: SweepResults, target: float, seeds: list[int]
+                 ) -> dict[int, BatchRates]:
+    grid = _grid_settings(results)
+    listed = {int(b): [float(v) for v in rates]
+              for b, rates in (grid.get("learning_rates") or {}).items()}
+    extended = {int(b): list(v) for b, v in (grid.get("extended") or {}).items()}
+    batch_sizes = sorted(set(results.manifest.get("sweep", {}).get("batch_sizes", []))
+                         | set(listed) | {r.batch_size for r in results.runs})
+    out = {}
+    for b in batch_sizes:
+        runs = [r for r in results.runs if r.batch_size == b]
+        rates = list(listed.get(b, []))
+        for r in runs:
+            if not any(_same_rate(r.config.learning_rate, v) for v in rates):
+                rates.append(r.config.learning_rate)
+        cells = []
+        for lr in sorted(rates):
+            at = {r.seed: r for r in runs if _same_rate(r.config.learning_rate, lr)}
+            cells.append(RateCell(b, lr, [
+                _seed_outcome(at.get(s), s, target, f"bs{b:05d}_lr{lr:.3g}_seed{s}")
+                for s in seeds]))
+        steps_RxS = np.array([[s.steps for s in c.seeds] for c in cells]).reshape(
+            len(cells), len(seeds))
+        choice = choose_best_rate(steps_RxS)
+        note = None
+        if choice.index is None:
+            partial = sum(0 < c.reached < len(c.seeds) for c in cells)
+            note = (f"no rate reached: none of the {len(cells)} learning rates brought all "
+                    f"{len(seeds)} seeds to the target"
+                    + (f" ({partial} brought some)" if partial else "")
+                    if cells else "no rate reached: no completed run at this batch size")
+        out[b] = BatchRates(b, cells, choice, extended.get(b, []), note)
+    return out
+
+
+def _noise_description(results: SweepResults) -> str:
+    config = results.manifest.get("config") or (results.runs[0].config.to_dict()
+                                                if results.runs else {})
+    schedule = config.get("noise_schedule", "?")
+    probes = {rec.get("probe_size") for r in results.runs for rec in r.noise
+              if rec.get("probe_size")}
+    if not any(r.noise for r in results.runs):
+        return "no gradient-noise records"
+    schedule_text = {"log": f"the log-spaced schedule ({config.get('noise_points', '?')} steps "
+                            "from the first to the last, plus step 0 and every epoch end)",
+                     "epoch": "every epoch end and step 0"}.get(schedule, f"schedule {schedule}")
+    probe = (f"a probe subset of {max(probes):,} training examples" if probes
+             else "the whole training set")
+    return f"measured on every run, on {schedule_text}, on {probe}"
+
+
+def _bootstrap_grid(rates: dict[int, BatchRates], fit_batch_sizes: Sequence[int],
+                    num_seeds: int, num_bootstrap: int, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Draws of B_crit and of the B_simple mean along the best runs: within each batch size
+    the seeds are resampled with replacement, the same draw for all its rates, and its best
+    rate is chosen again among the rates every seed reached (which rates are eligible is
+    fixed by the full data). Batch sizes are drawn independently: with 3 seeds, resampling
+    whole seed columns across batch sizes would give only 10 distinct draws in all, and a
+    seed's shared effect at every batch size (its initialisation) scales S(B) alike and
+    cancels in B_crit = E_min / S_min, so ignoring it widens the interval, if anything.
+    Returns ([D] B_crit, [D] B_simple), NaN where a draw gives no positive fit."""
+    rng = np.random.default_rng(seed)
+    tables = []
+    for b in fit_batch_sizes:
+        eligible = [c for c in rates[b].cells if c.complete]
+        tables.append((np.array([[s.steps for s in c.seeds] for c in eligible]),
+                       np.array([[s.b_simple for s in c.seeds] for c in eligible])))
+    b_K = np.asarray(fit_batch_sizes, np.float64)
+    b_crit_D = np.full(num_bootstrap, np.nan)
+    b_simple_D = np.full(num_bootstrap, np.nan)
+    for d in range(num_bootstrap):
+        means, noise = [], []
+        for steps_RxS, noise_RxS in tables:
+            cols = rng.integers(0, num_seeds, num_seeds)
+            drawn = steps_RxS[:, cols].mean(axis=1)
+            best = int(np.argmin(drawn))  # argmin takes the first: the smaller rate on ties
+            means.append(drawn[best])
+            values = noise_RxS[best, cols]
+            noise.append(np.mean(values[np.isfinite(values)]) if np.isfinite(values).any()
+                         else np.nan)
+        s_min, e_min = critical.fit_line(b_K, means)
+        if s_min > 0 and e_min > 0:
+            b_crit_D[d] = e_min / s_min
+        noise = np.asarray(noise)
+        if np.isfinite(noise).any():
+            b_simple_D[d] = float(np.mean(noise[np.isfinite(noise)]))
+    return b_crit_D, b_simple_D
+
+
+def _percentiles(draws: np.ndarray) -> tuple[float, float] | None:
+    draws = draws[np.isfinite(draws)]
+    if draws.size < 10:
+        return None
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _rate_scaling(rates: dict[int, BatchRates], optimizer: str) -> RateScaling:
+    points, excluded = [], []
+    for b, r in rates.items():
+        if r.best is None:
+            excluded.append((b, "no rate reached"))
+        elif r.unreliable:
+            where = {"low": "smallest", "high": "largest", "single": "only"}[r.edge]
+            excluded.append((b, f"unreliable: the best is the {where} rate of the grid"))
+        else:
+            points.append((b, r.best.learning_rate))
+    primary = "eq27" if optimizer in SGD_FAMILY else "power"
+    out = RateScaling([b for b, _ in points], [v for _, v in points], excluded, None, None,
+                      primary)
+    if len(points) < 3:
+        out.note = (f"only {len(points)} batch size(s) with a reliable best rate; the fits of "
+                    "the best rate against B need at least 3")
+        return out
+    b_K, lr_K = np.asarray(points, np.float64).T
+    out.eq27 = critical.fit_optimal_learning_rate(b_K, lr_K)
+    out.power = stats.fit_slope(np.log2(b_K), np.log2(lr_K))
+    return out
+
+
+def analyse_grid(results: SweepResults, *, target_loss: float | None = None,
+                 num_bootstrap: int = GRID_BOOTSTRAP) -> GridAnalysis:
+    """The critical batch size as McCandlish et al. and Shallue et al. measure it: steps to a
+    training-loss target at the best learning rate of each batch size.
+
+    Per batch size and rate, steps and examples to the target per seed (reached, or why
+    not); the best rate (`choose_best_rate`) with its edge and unreliable flags; S(B) and E(B)
+    at it with t intervals; the fit of eq. 2.11 over the batch sizes with a best rate, its
+    bootstrap over seeds re-selecting the best rate in every draw; the best rate against B
+    (eq. 2.7 and a power law); B_simple averaged over each best run's training up to its
+    crossing, and its ratio to B_crit.
+
+    Args:
+      results: a grid sweep (`is_grid_sweep`).
+      target_loss: the training-loss target (default: the one the sweep fixed before training,
+        the manifest's `grid.target_loss`; without one, `default_grid_target_loss`).
+      num_bootstrap: bootstrap draws (0: none).
+
+    Raises:
+      BatchjaxError: no run, or no target given, recorded or reachable.
+    """
+    grid = _grid_settings(results)
+    if not results.runs:
+        raise BatchjaxError(f"{results.path} holds no completed run; nothing to analyse")
+    source = "given" if target_loss is not None else "manifest"
+    target = target_loss if target_loss is not None else grid.get("target_loss")
+    if target is None:
+        source, target = "default", default_grid_target_loss(results)
+    if target is None:
+        raise BatchjaxError(f"{results.path}: no learning-rate grid target recorded and no rate "
+                            "brings every seed to a finite loss; give one (target_loss=..., "
+                            "--target-loss)")
+    target = float(target)
+    seeds = sorted(set(results.manifest.get("sweep", {}).get("seeds", []))
+                   | {r.seed for r in results.runs})
+    optimizer = (results.manifest.get("config") or {}).get("optimizer",
+                                                           results.runs[0].config.optimizer)
+    rates = _batch_rates(results, target, seeds)
+    out = GridAnalysis(optimizer, target, source, seeds, rates, None, None, None, None,
+                       _rate_scaling(rates, optimizer), None, _noise_description(results),
+                       grid, 0)
+    with_best = [b for b, r in rates.items() if r.best is not None]
+    if len(with_best) < 3:
+        out.fit_note = (f"only {len(with_best)} of {len(rates)} batch sizes have a rate at "
+                        "which every seed reached the target; the fit of eq. 2.11 needs at "
+                        "least 3 (a higher target, more epochs, or a wider grid)")
+        return out
+    steps_KxS = np.array([[s.steps for s in rates[b].best.seeds] for b in with_best])
+    try:
+        fit = critical.fit_critical_batch(with_best, steps_KxS, num_bootstrap=0)
+    except BatchjaxError as err:
+        out.fit_note = str(err)
+        return out
+    reliable = [b for b in with_best if not rates[b].unreliable]
+    if len(reliable) < len(with_best) and len(reliable) >= 3:
+        out.fit_without_unreliable = critical.fit_critical_batch(
+            reliable, np.array([[s.steps for s in rates[b].best.seeds] for b in reliable]),
+            num_bootstrap=0)
+    b_crit_D = b_simple_D = np.zeros(0)
+    if len(seeds) > 1 and num_bootstrap > 0:
+        b_crit_D, b_simple_D = _bootstrap_grid(rates, with_best, len(seeds), num_bootstrap)
+        interval = _percentiles(b_crit_D)
+        fit = dataclasses.replace(fit, b_crit_interval=interval,
+                                  num_bootstrap=int(np.isfinite(b_crit_D).sum()))
+        out.num_bootstrap = num_bootstrap
+    out.fit = fit
+    out.regimes = critical.regimes(fit) if fit.valid else None
+    by_b = {b: rates[b].best.b_simple for b in with_best}
+    by_b = {b: e for b, e in by_b.items() if e.n}
+    if fit.valid and by_b:
+        b_simple = Estimate.of([e.mean for e in by_b.values()])
+        diff = math.log(b_simple.mean) - math.log(fit.b_crit)
+        parts = []
+        if b_simple.n > 1:
+            parts.append(((b_simple.se / b_simple.mean) ** 2, b_simple.n - 1.0))
+        if out.fit_df > 0 and np.isfinite(fit.b_crit_stderr):
+            parts.append(((fit.b_crit_stderr / fit.b_crit) ** 2, float(out.fit_df)))
+        test = (stats.combined_test(diff, parts) if len(parts) == 2
+                else stats.t_test(diff, float("nan"), float("nan")))
+        lo, hi = test.interval()
+        ratio_D = b_simple_D / b_crit_D if b_crit_D.size else np.zeros(0)
+        records = max((sum(1 for rec in s.run.noise if rec.get("noise_scale") is not None
+                           and rec.get("step", 0) <= s.steps)
+                       for b in by_b for s in rates[b].best.seeds if s.run is not None),
+                      default=0)
+        out.noise = NoiseComparison(by_b, b_simple, math.exp(diff), test,
+                                    (math.exp(lo), math.exp(hi)) if test.known
+                                    else (float("nan"), float("nan")),
+                                    _percentiles(ratio_D) if ratio_D.size else None, records)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Everything
 
 
@@ -1103,10 +1752,14 @@ class Analysis:
       noise_moments: the gradient-noise measurements at each moment of `noise_moments`.
       claims: the five claims of the original write-up, in order.
       sharpness: the sharp-minima analysis.
-      critical: the critical-batch-size analysis.
+      critical: the critical-batch-size analysis at the sweep's one learning rate (None for a
+        learning-rate grid, whose `grid` holds it).
       step_loss: per batch size, the smoothed per-step losses (figure 2).
       noise_series: per `NOISE_QUANTITIES` quantity and batch size, its band over training.
       diverged: (run name, diverged step) of each diverged run.
+      grid: for a sweep with a learning-rate grid (`is_grid_sweep`), the `GridAnalysis`; the
+        claims, summary and the one-rate parts are then empty (they compare batch sizes at one
+        learning rate).
     """
 
     results: SweepResults
@@ -1117,10 +1770,11 @@ class Analysis:
     noise_moments: list[NoiseMoment]
     claims: list[Claim]
     sharpness: SharpnessAnalysis
-    critical: CriticalAnalysis
+    critical: CriticalAnalysis | None
     step_loss: dict[int, StepLossCurve]
     noise_series: dict[str, dict[int, Band | None]]
     diverged: list[tuple[str, int | None]]
+    grid: GridAnalysis | None = None
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -1143,12 +1797,23 @@ def analyse(results: SweepResults, *, target_loss: float | None = None,
       target_accuracy: validation-accuracy target of claim 4 and of the critical batch size
         (default `default_target_accuracy`).
 
+    A sweep with a learning-rate grid (`is_grid_sweep`) gets `analyse_grid` (with
+    `target_loss`) and empty claims.
+
     Raises:
       BatchjaxError: the sweep holds no run.
     """
     if not results.runs:
         raise BatchjaxError(f"{results.path} holds no completed run; nothing to analyse (run "
                             "scripts/sweep.py first)")
+    if is_grid_sweep(results):
+        return Analysis(
+            results=results, target_accuracy=None, target_accuracy_given=False, run_stats=[],
+            summary={}, noise_moments=[], claims=[],
+            sharpness=SharpnessAnalysis(False, INCONCLUSIVE, []), critical=None, step_loss={},
+            noise_series={},
+            diverged=[(grid_run_label(r), r.diverged_step) for r in results.runs if r.diverged],
+            grid=analyse_grid(results, target_loss=target_loss))
     target = target_accuracy if target_accuracy is not None else default_target_accuracy(results)
     per_run = [run_stats(r, target) for r in results.runs]
     summary = summarize(results, target)

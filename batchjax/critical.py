@@ -37,6 +37,26 @@ S / S_min = 1 + B_crit / B. With a factor k (default 4):
 The model is derived for SGD near a quadratic minimum; with Adam (the optimizer of this
 library) it is an empirical description whose fit quality the residuals report.
 
+The learning rate tuned per batch size (McCandlish et al. sec. 2.1; Shallue et al. 2019 count
+steps at the best rate of each batch size too): for SGD near a quadratic minimum, the step size
+that gains the most per step is
+
+    eps_opt(B) = eps_max / (1 + B_noise / B)     (sec. 2.1, cited as eq. 2.7 in issue #15; the
+                                                   best gain per step dL_opt(B) has this form too)
+
+eps_max being the best step of the full-batch gradient and B_noise = tr(H Sigma) / G^T H G the
+noise scale of the optimal step. `fit_optimal_learning_rate` fits it to the best rate of each
+batch size by least squares in log space, log eps = log eps_max - log(1 + B_noise / B), over
+log eps_max and log B_noise (so both stay positive): for a fixed B_noise, log eps_max is the
+weighted mean of log eps + log(1 + B_noise / B) in closed form, so the fit is a search over one
+variable (a grid over log B_noise, refined by golden sections). Standard errors come from the
+Gauss-Newton covariance with the scatter estimated from the residuals on n - 2 degrees of
+freedom, and 95% intervals from the t distribution on those df, taken on the logs and
+exponentiated (the best rates come from a grid a factor 2 apart: every point carries the same
+rounding error of up to a factor sqrt(2), which the residual scatter includes). A minimum at
+either end of the search range means the data cannot tell B_noise apart from 0 (the rate does
+not grow with B) or from infinity (it grows as B): `identified` is False.
+
 Numbers only: `batchjax.analysis` applies this to a sweep and `batchjax.plots` draws it
 (`plot_steps_to_target`).
 
@@ -318,6 +338,14 @@ def _weighted_line(u_K: np.ndarray, s_K: np.ndarray):
     return float(coef[0]), float(coef[1]), scatter2 * np.linalg.inv(gram), math.sqrt(scatter2)
 
 
+def fit_line(batch_sizes: Sequence[float], mean_steps: Sequence[float]) -> tuple[float, float]:
+    """(S_min, E_min) of S(B) = S_min + E_min / B through mean steps, with the weights of
+    `fit_critical_batch` (relative errors) and no checks: the inner step of bootstraps."""
+    b_K = np.asarray(batch_sizes, np.float64)
+    s_min, e_min, _, _ = _weighted_line(1.0 / b_K, np.asarray(mean_steps, np.float64))
+    return s_min, e_min
+
+
 def _ratio_stderr(a: float, b: float, cov: np.ndarray) -> float:
     """Delta-method standard error of b / a."""
     grad = np.array([-b / a**2, 1.0 / a])
@@ -443,3 +471,136 @@ def regimes(fit: CriticalFit, factor: float = REGIME_FACTOR) -> Regimes:
     if not factor > 1:
         raise BatchjaxError(f"factor must be > 1, got {factor}")
     return Regimes(fit.b_crit / factor, fit.b_crit * factor, float(factor))
+
+
+# --------------------------------------------------------------------------------------------
+# The best learning rate against batch size (module docstring)
+
+_LOG_B_NOISE_SPAN = math.log(1e4)  # the search reaches this factor beyond the batch sizes
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimalRateFit:
+    """eps_opt(B) = eps_max / (1 + B_noise / B) fitted to best learning rates.
+
+    Attributes:
+      eps_max, b_noise: the fitted parameters.
+      log_eps_max_se, log_b_noise_se: standard errors of their natural logs (Gauss-Newton,
+        scatter from the residuals); NaN without residual df.
+      log_cov: covariance of (log eps_max, log B_noise), 2 x 2.
+      df: residual degrees of freedom, points - 2.
+      eps_max_interval, b_noise_interval: 95% t intervals on `df` (exponentiated from the
+        logs), or None without residual df.
+      rms_log_residual: root-mean-square residual of log eps (natural log) on `df`.
+      batch_sizes, learning_rates: the points fitted.
+      identified: False when the minimum lies at an end of the search range (B_noise
+        indistinguishable from 0 or from infinity); then the intervals are None.
+    """
+
+    eps_max: float
+    b_noise: float
+    log_eps_max_se: float
+    log_b_noise_se: float
+    log_cov: tuple[tuple[float, float], tuple[float, float]]
+    df: int
+    eps_max_interval: tuple[float, float] | None
+    b_noise_interval: tuple[float, float] | None
+    rms_log_residual: float
+    batch_sizes: tuple[float, ...]
+    learning_rates: tuple[float, ...]
+    identified: bool
+
+    def predict(self, batch_size: Any) -> np.ndarray | float:
+        """eps_opt(B) = eps_max / (1 + B_noise / B), for a scalar or an array."""
+        out = self.eps_max / (1.0 + self.b_noise / np.asarray(batch_size, np.float64))
+        return float(out) if np.ndim(out) == 0 else out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _profile(log_b_noise: float, b_K: np.ndarray, y_K: np.ndarray, w_K: np.ndarray
+             ) -> tuple[float, float]:
+    """(log eps_max minimising the weighted squared log residuals at this B_noise, their sum)."""
+    shift_K = np.log1p(math.exp(log_b_noise) / b_K)
+    a = float(np.sum(w_K * (y_K + shift_K)) / np.sum(w_K))
+    return a, float(np.sum(w_K * (y_K - a + shift_K) ** 2))
+
+
+def fit_optimal_learning_rate(batch_sizes: Sequence[float], learning_rates: Sequence[float],
+                              weights: Sequence[float] | None = None, *,
+                              level: float = 0.95) -> OptimalRateFit:
+    """Fit eps_opt(B) = eps_max / (1 + B_noise / B) in log space (module docstring).
+
+    Args:
+      batch_sizes: B, distinct and positive [num_B].
+      learning_rates: the best learning rate at each B, positive [num_B].
+      weights: relative weights of the points' squared log residuals (default equal: every
+        best rate comes from the same factor-2 grid).
+      level: of the t intervals.
+
+    Returns:
+      An `OptimalRateFit`.
+
+    Raises:
+      BatchjaxError: fewer than 3 points, or non-positive or repeated values.
+    """
+    b_K = np.asarray(batch_sizes, np.float64)
+    lr_K = np.asarray(learning_rates, np.float64)
+    w_K = np.ones_like(b_K) if weights is None else np.asarray(weights, np.float64)
+    if b_K.ndim != 1 or lr_K.shape != b_K.shape or w_K.shape != b_K.shape:
+        raise BatchjaxError(f"batch sizes, learning rates and weights must be equally long 1-d "
+                            f"lists, got shapes {b_K.shape}, {lr_K.shape}, {w_K.shape}")
+    if b_K.size < 3:
+        raise BatchjaxError(f"fitting eps_max and B_noise needs best learning rates at 3 or more "
+                            f"batch sizes, got {b_K.size}")
+    if (not np.all(np.isfinite(b_K) & (b_K > 0)) or np.unique(b_K).size != b_K.size
+            or not np.all(np.isfinite(lr_K) & (lr_K > 0))
+            or not np.all(np.isfinite(w_K) & (w_K > 0))):
+        raise BatchjaxError("batch sizes must be distinct and positive, learning rates and "
+                            "weights positive and finite")
+    order = np.argsort(b_K)
+    b_K, lr_K, w_K = b_K[order], lr_K[order], w_K[order]
+    y_K = np.log(lr_K)
+    lo = math.log(b_K[0]) - _LOG_B_NOISE_SPAN
+    hi = math.log(b_K[-1]) + _LOG_B_NOISE_SPAN
+    grid = np.linspace(lo, hi, 801)
+    shift_GxK = np.log1p(np.exp(grid)[:, None] / b_K[None, :])
+    a_G = (shift_GxK + y_K) @ w_K / np.sum(w_K)
+    rss = ((y_K + shift_GxK - a_G[:, None]) ** 2) @ w_K
+    i = int(np.argmin(rss))
+    identified = 0 < i < grid.size - 1
+    left, right = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+    for _ in range(60):  # golden sections: the bracket shrinks by 0.618 each time
+        c1, c2 = right - _GOLDEN * (right - left), left + _GOLDEN * (right - left)
+        if _profile(c1, b_K, y_K, w_K)[1] <= _profile(c2, b_K, y_K, w_K)[1]:
+            right = c2
+        else:
+            left = c1
+    c = 0.5 * (left + right)
+    a, rss_min = _profile(c, b_K, y_K, w_K)
+    df = b_K.size - 2
+    scatter2 = rss_min / df
+    # d log eps / d (a, c): 1 and -B_noise / (B + B_noise).
+    jac_Kx2 = np.stack([np.ones_like(b_K), -math.exp(c) / (b_K + math.exp(c))], axis=1)
+    gram = jac_Kx2.T @ (w_K[:, None] * jac_Kx2)
+    try:
+        cov = scatter2 * np.linalg.inv(gram)
+    except np.linalg.LinAlgError:
+        cov = np.full((2, 2), np.nan)
+    se_a, se_c = (math.sqrt(max(cov[k, k], 0.0)) if np.isfinite(cov[k, k]) else float("nan")
+                  for k in range(2))
+    eps_interval = b_noise_interval = None
+    if identified and np.isfinite(se_a) and np.isfinite(se_c):
+        from scipy import special  # on first use, as in batchjax.stats (which comes later)
+        q = float(special.stdtrit(df, 0.5 + level / 2))
+        eps_interval = (math.exp(a - q * se_a), math.exp(a + q * se_a))
+        b_noise_interval = (math.exp(c - q * se_c), math.exp(c + q * se_c))
+    return OptimalRateFit(
+        eps_max=math.exp(a), b_noise=math.exp(c), log_eps_max_se=se_a, log_b_noise_se=se_c,
+        log_cov=((float(cov[0, 0]), float(cov[0, 1])), (float(cov[1, 0]), float(cov[1, 1]))),
+        df=df, eps_max_interval=eps_interval, b_noise_interval=b_noise_interval,
+        rms_log_residual=math.sqrt(rss_min / np.mean(w_K) / df),
+        batch_sizes=tuple(b_K.tolist()), learning_rates=tuple(lr_K.tolist()),
+        identified=identified)

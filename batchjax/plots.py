@@ -29,6 +29,14 @@ legend), never plotted as numbers.
 8. `figure_critical_batch`: steps to the training-loss target (and to the validation-accuracy
    target) against batch size, with the fit of McCandlish et al. eq. 2.11, its regimes, B_crit
    and B_simple (`plot_steps_to_target`), when >= 3 batch sizes reached it.
+
+A learning-rate grid sweep (issue #15) gets three figures instead, each with one panel per grid
+(an `Analysis`, or a name -> `Analysis` mapping for the comparison across optimizers,
+`make_comparison_figures`): `figure_lr_steps_to_target` (steps to the target against B, one
+faint line per learning rate, the best-rate envelope, the fit of eq. 2.11, B_crit and
+B_simple), `figure_best_lr` (the best rate against B, the rates tried, the near-best range,
+the eq. 2.7 fit and the power law) and `figure_b_simple_over_training` (B_simple along the best
+runs up to the target, with B_crit marked).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import math
 import os
 import pathlib
 import textwrap
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
@@ -45,7 +54,7 @@ import numpy as np
 from cycler import cycler
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 from batchjax.analysis import (Analysis, Band, NoiseMoment, TargetAnalysis, analyse, band,
                                epoch_seconds, minibatch_variance_curve, steps_per_epoch)
@@ -829,6 +838,325 @@ def figure_steps_to_target(batch_sizes: Sequence[float], steps: Any,
 
 
 # --------------------------------------------------------------------------------------------
+# The critical batch size with the learning rate tuned per batch size (issue #15)
+
+RATE_LINE_COLOR = "0.55"
+BEST_COLOR, FIT_COLOR = OKABE_ITO["blue"], OKABE_ITO["vermillion"]
+B_SIMPLE_COLOR, OTHER_FIT_COLOR = OKABE_ITO["sky_blue"], OKABE_ITO["bluish_green"]
+
+
+def _grid_analyses(analyses: Analysis | Mapping[str, Analysis]) -> list[tuple[str, Analysis]]:
+    """(name, analysis) pairs of grid sweeps: one analysis, or a name -> analysis mapping."""
+    pairs = (list(analyses.items()) if isinstance(analyses, Mapping)
+             else [(analyses.grid.optimizer if analyses.grid else "", analyses)])
+    for name, a in pairs:
+        if a.grid is None:
+            raise BatchjaxError(f"{name or a.results.path}: not a learning-rate grid sweep; its "
+                                "figures are make_figures'")
+    return pairs
+
+
+def _grid_suptitle(fig: Figure, pairs: Sequence[tuple[str, Analysis]], title: str,
+                   stat: str = "mean ± s.d. over {seeds} seeds") -> None:
+    seeds = max(len(a.grid.seeds) for _, a in pairs)
+    spread = stat.format(seeds=seeds) if seeds > 1 else "1 seed, no spread to show"
+    width = 66 if len(pairs) == 1 else 110  # characters that fit the figure's width
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in (
+        title, f"{pairs[0][1].results.dataset_label()}; {spread}")))
+
+
+def _panel_title(name: str, grid) -> str:
+    return f"{name} (optimizer {grid.optimizer})" if name != grid.optimizer else name
+
+
+def _mark_top(ax, x: float, color: str = "black", marker: str = "v") -> None:
+    """A marker on the top edge of `ax` at data-x `x` (a batch size without a value)."""
+    ax.plot([x], [1.0], marker=marker, color=color, markersize=5, linestyle="none",
+            transform=ax.get_xaxis_transform(), clip_on=False, zorder=5)
+
+
+def plot_lr_steps_to_target(ax, grid, *, b_simple: float | None = None) -> None:
+    """Steps to the target against B: one faint line per learning rate (mean over seeds, where
+    every seed reached the target), the best-rate envelope S(B) (± 1 s.d. over seeds; hollow:
+    unreliable, the best rate on the grid's edge), the fit of eq. 2.11 with B_crit, perfect
+    scaling (dashed) and B_simple along the best runs; batch sizes where no rate reached are
+    marked on the top edge.
+
+    Args:
+      ax: axes to draw on.
+      grid: a `batchjax.analysis.GridAnalysis`.
+      b_simple: B_simple to mark (default: the analysis' mean along the best runs).
+    """
+    lines: dict[float, list[tuple[int, float]]] = {}
+    for b, rates in grid.rates.items():
+        for cell in rates.cells:
+            key = next((k for k in lines if math.isclose(k, cell.learning_rate, rel_tol=1e-6)),
+                       cell.learning_rate)
+            if cell.complete:
+                lines.setdefault(key, []).append((b, cell.steps.mean))
+    placed: list[tuple[float, float]] = []
+    for i, (lr, points) in enumerate(sorted(lines.items())):
+        x, y = np.asarray(sorted(points)).T
+        ax.plot(x, y, "-", color=RATE_LINE_COLOR, lw=0.6, alpha=0.55, marker=".", ms=2.5,
+                label="each learning rate where every seed reached (mean)" if i == 0 else None,
+                zorder=1)
+        # The rate at the right end of its line, unless another label is that close.
+        if len(x) > 1 and not any(px == x[-1] and abs(math.log(py / y[-1])) < 0.12
+                                  for px, py in placed):
+            placed.append((x[-1], y[-1]))
+            ax.annotate(plain_number(lr, 2), (x[-1], y[-1]), xytext=(4, 0),
+                        textcoords="offset points", fontsize=4.5, color="0.4", va="center")
+    best = [(b, r) for b, r in grid.rates.items() if r.best is not None]
+    if best:
+        b_K = np.array([b for b, _ in best], float)
+        s_K = np.array([r.steps.mean for _, r in best])
+        sd_K = np.array([r.steps.sd if np.isfinite(r.steps.sd) else 0.0 for _, r in best])
+        ax.plot(b_K, s_K, "-", color=BEST_COLOR, lw=1.0, zorder=3)
+        for (b, r), s, sd in zip(best, s_K, sd_K):
+            ax.errorbar([b], [s], yerr=[sd], color=BEST_COLOR, marker="o", ms=4,
+                        mfc="white" if r.unreliable else BEST_COLOR, mew=1.0, linestyle="none",
+                        zorder=4)
+        ax.plot([], [], "o-", color=BEST_COLOR, ms=4, label="best rate: S(B) ± s.d.")
+        if grid.unreliable:
+            ax.plot([], [], "o", color=BEST_COLOR, mfc="white", ms=4,
+                    label="best rate on the grid's edge (unreliable)")
+    fit = grid.fit
+    all_b = np.array(grid.batch_sizes, float)
+    lo, hi = all_b.min() / 2 ** 0.5, all_b.max() * 2 ** 0.5
+    grid_B = np.geomspace(lo, hi, 200)
+    if best:
+        ax.plot(grid_B, s_K[0] * b_K[0] / grid_B, "--", color="black", lw=0.8,
+                label=r"perfect scaling, $S \propto 1/B$", zorder=2)
+    if fit is not None and fit.valid:
+        ax.plot(grid_B, fit.predict_steps(grid_B), "-", color=FIT_COLOR, lw=1.2, zorder=3,
+                label=rf"eq. 2.11: $S_{{\min}}$ = {_fit_number(fit.s_min)}, "
+                      rf"$E_{{\min}}$ = {_fit_number(fit.e_min)}")
+        interval = grid.b_crit_t_interval
+        text = rf"$B_{{\mathrm{{crit}}}}$ = {_fit_number(fit.b_crit)}"
+        if interval is not None and interval[1] > interval[0] * (1 + 1e-6):
+            text += f", 95% t [{_fit_number(interval[0])}, {_fit_number(interval[1])}]"
+        if not lo <= fit.b_crit <= hi:
+            text += " (off scale)"
+        ax.axvline(fit.b_crit, color=FIT_COLOR, ls=":", lw=1.2, label=text, zorder=3)
+    if b_simple is None and grid.noise is not None:
+        b_simple = grid.noise.b_simple.mean
+    if b_simple is not None and np.isfinite(b_simple):
+        ax.axvline(b_simple, color=B_SIMPLE_COLOR, ls="-.", lw=1.2, zorder=3,
+                   label=rf"$B_{{\mathrm{{simple}}}}$ = {_fit_number(b_simple)} (best runs)"
+                         + ("" if lo <= b_simple <= hi else " (off scale)"))
+    for b in grid.unreached:
+        _mark_top(ax, b)
+    if grid.unreached:
+        ax.plot([], [], "v", color="black", ms=5, label="no rate reached (top edge)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlim(lo, hi * 1.3)  # room for the rate labels at the right ends
+    values = [v for pts in lines.values() for _, v in pts]
+    if values:
+        bottom = min(values)
+        if fit is not None and fit.valid:
+            bottom = min(bottom, fit.predict_steps(hi))
+        ax.set_ylim(bottom / 1.5, max(values) * 1.5)
+    _power_of_two_axis(ax.xaxis)
+    _power_of_two_axis(ax.yaxis)
+    ax.set_xticks(grid.batch_sizes)
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(f"steps to training loss {grid.target_loss:g}")
+
+
+def plot_best_lr(ax, grid) -> None:
+    """The best learning rate against B: the rates tried (grey ticks), the near-best range
+    (light bar: rates not significantly slower than the best), the best (filled; hollow and
+    pointing at the edge: unreliable), and the fits: eq. 2.7 eps_opt(B) = eps_max / (1 +
+    B_noise / B) with eps_max and B_noise marked, and the power law eps ∝ B^k. The model of
+    the optimizer (eq. 2.7 for SGD, the power law for Adam) is drawn solid, the other dashed.
+    """
+    for i, (b, rates) in enumerate(grid.rates.items()):
+        ax.plot([b] * len(rates.cells), rates.learning_rates, "_", color="0.6", ms=6, mew=0.8,
+                label="rates tried" if i == 0 else None, zorder=1)
+        if rates.best is None:
+            _mark_top(ax, b)
+            continue
+        near = [rates.cells[j].learning_rate for j in rates.choice.near]
+        if len(near) > 1:
+            ax.plot([b, b], [min(near), max(near)], "-", color=BEST_COLOR, alpha=0.25, lw=5,
+                    solid_capstyle="butt", zorder=2)
+        marker = {"high": "^", "low": "v"}.get(rates.edge or "", "o")
+        ax.plot([b], [rates.best.learning_rate], marker, color=BEST_COLOR, ms=4.5,
+                mfc="white" if rates.unreliable else BEST_COLOR, mew=1.0, zorder=4)
+    ax.plot([], [], "o", color=BEST_COLOR, ms=4.5, label="best rate")
+    ax.plot([], [], "-", color=BEST_COLOR, alpha=0.25, lw=5, label="not significantly slower")
+    if grid.unreliable:
+        ax.plot([], [], "^", color=BEST_COLOR, mfc="white", ms=4.5,
+                label="on the grid's edge (unreliable, not fitted)")
+    if grid.unreached:
+        ax.plot([], [], "v", color="black", ms=5, label="no rate reached (top edge)")
+    s = grid.scaling
+    all_b = np.array(grid.batch_sizes, float)
+    lo, hi = all_b.min() / 2 ** 0.5, all_b.max() * 2 ** 0.5
+    grid_B = np.geomspace(lo, hi, 200)
+    styles = {"eq27": ("-", FIT_COLOR, 1.2), "power": ("-", FIT_COLOR, 1.2)}
+    secondary = ("--", OTHER_FIT_COLOR, 0.9)
+    if s.eq27 is not None:
+        ls, color, lw = styles["eq27"] if s.primary == "eq27" else secondary
+        fit = s.eq27
+        label = (rf"eq. 2.7: $\epsilon_\max$ = {plain_number(fit.eps_max, 3)}, "
+                 rf"$B_\mathrm{{noise}}$ = {_fit_number(fit.b_noise)}"
+                 if fit.identified else r"eq. 2.7 ($B_\mathrm{noise}$ not identified)")
+        ax.plot(grid_B, fit.predict(grid_B), ls, color=color, lw=lw, label=label, zorder=3)
+        if s.primary == "eq27" and fit.identified:
+            ax.axhline(fit.eps_max, color=color, ls=":", lw=0.8, zorder=2)
+            ax.annotate(r"$\epsilon_\max$", (0.01, fit.eps_max), xycoords=("axes fraction", "data"),
+                        xytext=(0, 2), textcoords="offset points", color=color, fontsize=6)
+            if lo <= fit.b_noise <= hi:
+                ax.axvline(fit.b_noise, color=color, ls=":", lw=0.8, zorder=2)
+                ax.annotate(r"$B_\mathrm{noise}$", (fit.b_noise, 0.02),
+                            xycoords=("data", "axes fraction"), xytext=(2, 0),
+                            textcoords="offset points", color=color, fontsize=6)
+    if s.power is not None:
+        ls, color, lw = styles["power"] if s.primary == "power" else secondary
+        power = s.power
+        ax.plot(grid_B, 2.0 ** (power.intercept + power.slope * np.log2(grid_B)), ls,
+                color=color, lw=lw, zorder=3,
+                label=rf"power law: $\epsilon \propto B^{{{power.slope:.2f}}}$ "
+                      f"[{power.lo:.2f}, {power.hi:.2f}]")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    _power_of_two_axis(ax.xaxis)
+    ax.set_xticks(grid.batch_sizes)
+    _plain_log_ticks(ax.yaxis)
+    tried = sorted({round(v, 12) for r in grid.rates.values() for v in r.learning_rates})
+    distinct = [v for i, v in enumerate(tried) if i == 0 or v > tried[i - 1] * (1 + 1e-6)]
+    if len(distinct) <= 10:  # a few rates shared by every batch size: tick each
+        ax.yaxis.set_major_locator(FixedLocator(distinct))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: plain_number(v, 3)))
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("learning rate")
+
+
+def plot_b_simple_over_training(ax, grid) -> None:
+    """B_simple over training along the best runs, against the fraction of the way to the
+    target (steps / that run's steps to target): one colour per batch size, one line per
+    seed; the mean over batch sizes of the time averages (dashed) and B_crit with its t
+    interval (dotted, shaded)."""
+    sizes = grid.batch_sizes
+    for b, rates in grid.rates.items():
+        if rates.best is None:
+            continue
+        style = batch_style(b, sizes)
+        for k, seed in enumerate(rates.best.seeds):
+            if seed.run is None or not np.isfinite(seed.steps):
+                continue
+            recs = sorted((rec["step"], rec["noise_scale"]) for rec in seed.run.noise
+                          if rec.get("noise_scale") is not None and rec.get("step") is not None
+                          and np.isfinite(rec["noise_scale"]))
+            x, y = np.asarray(recs, float).reshape(-1, 2).T
+            if not x.size or x[0] > seed.steps:
+                continue
+            inside = x < seed.steps
+            # The records, and the value at the crossing as the time average takes it.
+            ax.plot(x[inside] / seed.steps, y[inside], linestyle="none", color=style["color"],
+                    marker=style["marker"], ms=2.2, alpha=0.8)
+            ax.plot(np.r_[x[inside], seed.steps] / seed.steps,
+                    np.r_[y[inside], np.interp(seed.steps, x, y)], "-", color=style["color"],
+                    lw=0.8, alpha=0.8, marker=style["marker"], ms=2.2, markevery=[0],
+                    label=f"B = {b}" if k == 0 else None)
+    fit = grid.fit
+    if fit is not None and fit.valid:
+        ax.axhline(fit.b_crit, color=FIT_COLOR, ls=":", lw=1.4,
+                   label=rf"$B_\mathrm{{crit}}$ = {_fit_number(fit.b_crit)}")
+        interval = grid.b_crit_t_interval
+        if interval is not None:
+            ax.axhspan(*interval, color=FIT_COLOR, alpha=0.12, lw=0,
+                       label=r"$B_\mathrm{crit}$: 95% t interval")
+    if grid.noise is not None:
+        ax.axhline(grid.noise.b_simple.mean, color="black", ls="--", lw=1.0,
+                   label=rf"$B_\mathrm{{simple}}$ time-averaged = "
+                         f"{_fit_number(grid.noise.b_simple.mean)}")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("fraction of the steps to the target")
+    ax.set_ylabel(r"$B_\mathrm{simple}$ = tr($\Sigma$) / $|G|^2$")
+
+
+def _grid_figure(analyses, draw: Callable, title: str,
+                 stat: str = "mean ± s.d. over {seeds} seeds", height: float = 3.8) -> Figure:
+    """One panel per grid sweep, each with its own legend below it (the fitted numbers
+    differ between panels)."""
+    pairs = _grid_analyses(analyses)
+    width = 4.4 if len(pairs) == 1 else PAGE_WIDTH
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(pairs), figsize=(width, height), squeeze=False)
+        for ax, (name, a) in zip(axes[0], pairs):
+            draw(ax, a.grid)
+            ax.set_title(_panel_title(name, a.grid))
+            entries = len(ax.get_legend_handles_labels()[1])
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                      ncol=2 if entries > 8 else 1, fontsize=6, frameon=False,
+                      handlelength=2.2, columnspacing=1.0)
+        _grid_suptitle(fig, pairs, title, stat)
+    return fig
+
+
+def figure_lr_steps_to_target(analyses: Analysis | Mapping[str, Analysis]) -> Figure:
+    """Steps to the target against B for every learning rate, the best-rate envelope and the
+    fit of eq. 2.11 (`plot_lr_steps_to_target`); one panel per grid sweep."""
+    return _grid_figure(analyses, plot_lr_steps_to_target,
+                        "Steps to the target at every learning rate, the best rate's envelope "
+                        "and eq. 2.11", height=5.2)
+
+
+def figure_best_lr(analyses: Analysis | Mapping[str, Analysis]) -> Figure:
+    """The best learning rate against B with the eq. 2.7 fit and the power law
+    (`plot_best_lr`); one panel per grid sweep."""
+    return _grid_figure(analyses, plot_best_lr,
+                        "The best learning rate of each batch size", height=4.8,
+                        stat="best: the fewest mean steps over {seeds} seeds")
+
+
+def figure_b_simple_over_training(analyses: Analysis | Mapping[str, Analysis]) -> Figure:
+    """B_simple over training along the best runs, with B_crit marked
+    (`plot_b_simple_over_training`); one panel per grid sweep."""
+    return _grid_figure(analyses, plot_b_simple_over_training,
+                        "B_simple along the best runs up to the target, and B_crit",
+                        height=4.6, stat="one line per seed ({seeds} seeds)")
+
+
+GRID_FIGURES = {"lr_steps_to_target": figure_lr_steps_to_target,
+                "best_lr": figure_best_lr,
+                "b_simple_over_training": figure_b_simple_over_training}
+
+
+def _grid_jobs(analysis: Analysis) -> tuple[list, list[str]]:
+    grid, notes = analysis.grid, []
+    jobs = [("lr_steps_to_target", figure_lr_steps_to_target, ()),
+            ("best_lr", figure_best_lr, ())]
+    if grid.noise is not None:
+        jobs.append(("b_simple_over_training", figure_b_simple_over_training, ()))
+    else:
+        notes.append("figure b_simple_over_training skipped: "
+                     + ("no gradient-noise records" if not analysis.results.has_noise
+                        else f"no B_crit ({grid.fit_note or 'fit not of the model shape'})"))
+    return jobs, notes
+
+
+def make_comparison_figures(analyses: Mapping[str, Analysis], figures_dir: str | os.PathLike
+                            ) -> list[pathlib.Path]:
+    """The three grid figures with one panel per optimizer (`GRID_FIGURES`), saved into
+    `figures_dir`; b_simple_over_training only when some grid has B_simple along its best
+    runs."""
+    paths = []
+    for name, figure in GRID_FIGURES.items():
+        if name == "b_simple_over_training" and all(a.grid.noise is None
+                                                    for a in analyses.values()):
+            continue
+        paths += save_figure(figure(analyses), figures_dir, name)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
 # Saving
 
 
@@ -925,6 +1253,10 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
     if analysis is None:
         analysis = analyse(results, target_loss=target_loss, target_accuracy=target_accuracy)
     results = analysis.results
+    if analysis.grid is not None:
+        jobs, notes = _grid_jobs(analysis)
+        paths = [p for files in _render_all(jobs, figures_dir, analysis, workers) for p in files]
+        return paths, notes
     notes = []
     jobs = [(f"bs{b}_curves", figure_curves, (b,)) for b in results.batch_sizes]
     jobs += [("step_loss", figure_step_loss, ()), ("validation", figure_validation, ())]

@@ -4,6 +4,11 @@ Words only: every number here is a value of the analysis (`batchjax.analysis` de
 and its docstring the quantities; `batchjax.stats` the tests). `write_report` writes, into the
 sweep directory, `report.md`, `summary.csv`, `summary.tex` and `critical.json`;
 `verdict_table` is the few lines a console shows.
+
+A learning-rate grid sweep (issue #15) has no claims: its report is the critical batch size at
+the best rate of each batch size (`grid_section`), and `write_report` writes `report.md`,
+`grid.json` (`grid_record`) and `grid.csv` (one row per batch size, rate and seed).
+`critical_comparison(analyses)` puts the grids of several optimizers side by side.
 """
 
 from __future__ import annotations
@@ -18,16 +23,22 @@ from typing import Sequence
 
 import numpy as np
 
-from batchjax.analysis import (INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Analysis, BalanceClaim,
-                               BatchSummary, Claim, CriticalAnalysis, GeneralisationClaim,
-                               NoiseClaim, RoughnessClaim, SpeedClaim, TargetAnalysis, analyse)
+from batchjax import stats
+from batchjax.analysis import (AT_START, BUDGET, DIVERGED, HOPELESS, INCONCLUSIVE, MISSING,
+                               NOT_REACHED, NOT_SUPPORTED, OUTCOME_TEXT, SUPPORTED, Analysis,
+                               BalanceClaim,
+                               BatchRates, BatchSummary, Claim, CriticalAnalysis,
+                               GeneralisationClaim, GridAnalysis, NoiseClaim, RoughnessClaim,
+                               SpeedClaim, TargetAnalysis, analyse)
 from batchjax.critical import LOSS_WINDOW_EXAMPLES
-from batchjax.results import SweepResults, to_jsonable, write_bytes_atomic
+from batchjax.errors import BatchjaxError
+from batchjax.results import SweepResults, rows_to_csv, to_jsonable, write_bytes_atomic
 from batchjax.stats import ALPHA, Estimate, TTest, plain_number
 
 __all__ = ["SUPPORTED", "NOT_SUPPORTED", "INCONCLUSIVE", "build_report", "claim_text",
-           "critical_record", "summary_csv", "summary_latex", "summary_markdown",
-           "verdict_table", "write_report"]
+           "critical_comparison", "critical_record", "grid_record", "grid_section",
+           "write_critical_comparison",
+           "summary_csv", "summary_latex", "summary_markdown", "verdict_table", "write_report"]
 
 # --------------------------------------------------------------------------------------------
 # Numbers in words
@@ -714,6 +725,452 @@ def critical_section(analysis: Analysis) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# The critical batch size with the learning rate tuned per batch size (issue #15)
+
+_EDGE_WORDS = {"low": "smallest", "high": "largest", "single": "only"}
+_OUTCOME_SHORT = {DIVERGED: "diverged", HOPELESS: "hopeless", BUDGET: "budget",
+                  NOT_REACHED: "not reached", MISSING: "missing", AT_START: "at step 0"}
+_OPTIMIZER_NAMES = {"sgd": "SGD", "momentum": "SGD with momentum", "nesterov": "Nesterov SGD",
+                    "adam": "Adam", "adam_keras": "Adam (Keras)"}
+
+
+def _rate(value: float) -> str:
+    return plain_number(value, 3)
+
+
+def _interval(lo_hi: tuple[float, float] | None, fmt=None) -> str:
+    fmt = fmt or _number
+    return f"[{fmt(lo_hi[0])}, {fmt(lo_hi[1])}]" if lo_hi is not None else "n/a"
+
+
+def _optimizer_name(name: str) -> str:
+    return _OPTIMIZER_NAMES.get(name, name)
+
+
+def _grid_of(analysis: Analysis) -> GridAnalysis:
+    if analysis.grid is None:
+        raise BatchjaxError(f"{analysis.results.path} is not a learning-rate grid sweep (one "
+                            "learning rate per batch size); its report is build_report's")
+    return analysis.grid
+
+
+def _flags(rates: BatchRates) -> str:
+    flags = []
+    if rates.best is None:
+        flags.append("**no rate reached** (left out of every fit)")
+    elif rates.unreliable:
+        direction = {"low": "down", "high": "up"}.get(rates.edge)
+        times = rates.extended.count(direction) if direction else 0
+        ext = (f" after {times} extension{'s' if times != 1 else ''} {direction}"
+               if times else ", grid not extended")
+        flags.append(f"**unreliable**: best is the {_EDGE_WORDS[rates.edge]} rate{ext} "
+                     "(out of the rate fits; its S is an upper bound"
+                     + ("; a resumed sweep may extend the grid further)"
+                        if rates.extended and rates.extensions_left else ")"))
+    elif rates.extended:
+        flags.append("grid extended " + ", ".join(rates.extended))
+    choice = rates.choice
+    if len(choice.ties) > 1:
+        flags.append("exact tie with " + ", ".join(_rate(rates.cells[i].learning_rate)
+                                                    for i in choice.ties[1:])
+                     + " (the smaller rate taken)")
+    for i in choice.faster_partial:
+        cell = rates.cells[i]
+        flags.append(f"rate {_rate(cell.learning_rate)} faster on the {cell.reached}/"
+                     f"{len(cell.seeds)} seeds that reached (not eligible)")
+    return "; ".join(flags) or "-"
+
+
+def _not_reached_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {_OUTCOME_SHORT.get(k, k)}" for k, n in sorted(counts.items())) or "0"
+
+
+def grid_table(grid: GridAnalysis) -> list[str]:
+    """Markdown lines: per batch size the best rate, S(B) and E(B) there, and the flags."""
+    lines = ["| B | best rate | rates tried | near-best rates | S(B) steps | 95% t interval | "
+             "E(B) examples | runs not reaching (all rates) | flags |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for b, r in grid.rates.items():
+        tried = (f"{len(r.cells)} ({_rate(r.learning_rates[0])}..{_rate(r.learning_rates[-1])})"
+                 if r.cells else "0")
+        if r.best is None:
+            lines.append(f"| {b} | - | {tried} | - | - | - | - | "
+                         f"{_not_reached_text(r.not_reached())} | {_flags(r)} |")
+            continue
+        steps = r.steps
+        near = ", ".join(_rate(r.cells[i].learning_rate) for i in r.choice.near)
+        interval = (f"[{steps.lo:.0f}, {steps.hi:.0f}]" if np.isfinite(steps.lo) else "n/a")
+        lines.append(f"| {b} | {_rate(r.best.learning_rate)} | {tried} | {near} | "
+                     f"{fmt_estimate(steps, '.0f')} | {interval} | "
+                     f"{fmt_estimate(r.examples, '.0f')} | "
+                     f"{_not_reached_text(r.not_reached())} | {_flags(r)} |")
+    return lines
+
+
+def rates_table(grid: GridAnalysis) -> list[str]:
+    """Markdown lines: per batch size, every rate tried with its mean steps to the target over
+    the seeds that reached it and how many did (the best in bold; a dash: none reached)."""
+    lines = ["| B | each rate: mean steps to the target (seeds reached; why not) |", "|---|---|"]
+    for b, r in grid.rates.items():
+        cells = []
+        for cell in r.cells:
+            counts = cell.outcomes()
+            why = ", ".join(f"{n} {_OUTCOME_SHORT[k]}" for k, n in sorted(counts.items())
+                            if k != "reached")
+            steps = f"{cell.steps.mean:.0f}" if cell.steps.n else "-"
+            text = (f"{_rate(cell.learning_rate)}: {steps} ({cell.reached}/{len(cell.seeds)}"
+                    + (f"; {why}" if why else "") + ")")
+            cells.append(f"**{text}**" if cell is r.best else text)
+        lines.append(f"| {b} | " + " · ".join(cells) + " |")
+    return lines
+
+
+def _fit_lines(grid: GridAnalysis) -> list[str]:
+    fit = grid.fit
+    if fit is None:
+        return [f"**No fit of eq. 2.11:** {grid.fit_note}.", ""]
+    left_out = [b for b in grid.batch_sizes if float(b) not in fit.batch_sizes]
+    intervals = f"95% t interval on {grid.fit_df} df {_interval(grid.b_crit_t_interval)}"
+    if fit.b_crit_interval is not None:
+        intervals += (f"; 95% bootstrap interval {_interval(fit.b_crit_interval)} over "
+                      f"{grid.num_bootstrap} draws of the seeds within each batch size, the "
+                      "best rate re-selected in each")
+    lines = [f"Eq. 2.11 at the best rates, over B = {', '.join(f'{b:g}' for b in fit.batch_sizes)}"
+             + (f" (left out, no rate reached: {', '.join(map(str, left_out))})"
+                if left_out else "")
+             + f": S_min = {_number(fit.s_min)} ± {_spread(fit.s_min_stderr, fit.s_min)} steps, "
+             f"E_min = {_number(fit.e_min)} ± {_spread(fit.e_min_stderr, fit.e_min)} examples, "
+             f"**B_crit = {_number(fit.b_crit)}** ({intervals}); relative rms residual "
+             f"{_spread(fit.rms_relative_residual)}."]
+    if fit.valid and not min(fit.batch_sizes) <= fit.b_crit <= max(fit.batch_sizes):
+        lines.append(f"B_crit lies outside the batch sizes fitted ({min(fit.batch_sizes):g} to "
+                     f"{max(fit.batch_sizes):g}): an extrapolation of the model.")
+    if not fit.valid:
+        lines.append(f"The fit is not of the model's shape (S_min = {fit.s_min:.3g}, E_min = "
+                     f"{fit.e_min:.3g}): no B_crit to compare.")
+    elif grid.regimes is not None:
+        bounds = grid.regimes
+        lines.append(f"Regimes (factor {bounds.factor:g}): perfect scaling for B ≤ "
+                     f"{_number(bounds.perfect_scaling_max)}, maximal data parallelism for "
+                     f"B ≥ {_number(bounds.maximal_parallelism_min)}.")
+    robust = grid.fit_without_unreliable
+    if robust is not None:
+        lines.append(f"Without the unreliable batch sizes ({', '.join(map(str, grid.unreliable))}"
+                     f"): B_crit = {_number(robust.b_crit)}"
+                     + ("" if robust.valid else " (not of the model's shape)") + ".")
+    elif grid.unreliable and fit is not None:
+        lines.append(f"The unreliable batch sizes ({', '.join(map(str, grid.unreliable))}) stay "
+                     "in this fit (their steps are upper bounds); too few others remain to fit "
+                     "without them.")
+    return lines + [""]
+
+
+def _scaling_lines(grid: GridAnalysis) -> list[str]:
+    s = grid.scaling
+    excluded = "; ".join(f"B = {b}: {why}" for b, why in s.excluded)
+    lines = ["*Best learning rate against B* over B = "
+             + (", ".join(map(str, s.batch_sizes)) or "none")
+             + (f" (left out: {excluded})" if excluded else "") + "."]
+    if s.eq27 is None and s.power is None:
+        return lines + [f"No fit: {s.note}.", ""]
+    fit = s.eq27
+    if fit is not None:
+        if fit.identified:
+            text = (f"eps_max = {_rate(fit.eps_max)} (95% t interval on {fit.df} df "
+                    f"{_interval(fit.eps_max_interval, _rate)}), B_noise = "
+                    f"{_number(fit.b_noise)} ({_interval(fit.b_noise_interval)}); rms residual "
+                    f"of ln eps {_spread(fit.rms_log_residual)}")
+        else:
+            text = (f"B_noise is not identified: the best rates are fitted best with B_noise at "
+                    f"the end of the search range ({_number(fit.b_noise)}), i.e. "
+                    + ("they do not grow with B over this range" if fit.b_noise < s.batch_sizes[0]
+                       else "they grow in proportion to B over this range"))
+        lines.append(f"- eq. 2.7, eps_opt(B) = eps_max / (1 + B_noise / B), least squares in "
+                     f"log space{' (the model for SGD)' if s.primary == 'eq27' else ''}: "
+                     f"{text}.")
+    power = s.power
+    if power is not None:
+        half, one = power.test(0.5), power.test(1.0)
+        model = " (the model for Adam)" if s.primary == "power" else ""
+        lines.append(f"- power law eps ∝ B^k{model}: k = {power.slope:+.2f} ± "
+                     f"{power.se:.2f} (95% t interval on {_fmt_df(power.df)} df "
+                     f"[{power.lo:+.2f}, {power.hi:+.2f}]); against the "
+                     f"square-root rule k = 1/2: {t_text(half, 'two')}; against linear scaling "
+                     f"k = 1: {t_text(one, 'two')}.")
+    return lines + [""]
+
+
+def _comparison_sentence(name: str, grid: GridAnalysis) -> str:
+    fit, noise = grid.fit, grid.noise
+    who = _optimizer_name(name)
+    if fit is None or not fit.valid:
+        return f"With {who}: no B_crit, so no comparison ({grid.fit_note or 'fit not valid'})."
+    if noise is None:
+        return (f"With {who}: B_crit = {_number(fit.b_crit)}; no gradient-noise records along "
+                "the best runs, so no comparison with B_simple.")
+    ratio, (lo, hi) = noise.ratio, noise.ratio_interval
+    numbers = (f"B_simple = {_number(noise.b_simple.mean)} against B_crit = "
+               f"{_number(fit.b_crit)}: B_simple / B_crit = {ratio:.2g} (95% t interval "
+               f"[{lo:.2g}, {hi:.2g}]; {t_text(noise.test, 'two')})")
+    outcome = noise.outcome
+    if outcome == "larger":
+        verdict = (f"the noise scale is {ratio:.2g} times the critical batch size, significantly "
+                   "more: measured this way, B_simple overestimates B_crit")
+    elif outcome == "smaller":
+        verdict = (f"the noise scale is {1 / ratio:.2g} times smaller than the critical batch "
+                   "size, significantly: B_simple underestimates B_crit")
+    elif outcome == "indistinguishable":
+        verdict = ("the two are not significantly different: B_simple predicts B_crit within "
+                   f"the uncertainty, which spans a factor {hi / lo:.2g}")
+    else:
+        verdict = "the uncertainty of the ratio cannot be estimated"
+    caveats = []
+    unreliable = [b for b in grid.unreliable if float(b) in fit.batch_sizes]
+    if unreliable:
+        caveats.append(f"{len(unreliable)} of the {len(fit.batch_sizes)} batch sizes in the fit "
+                       "have their best rate on the grid's edge (their steps are upper bounds)")
+    if not min(fit.batch_sizes) <= fit.b_crit <= max(fit.batch_sizes):
+        caveats.append("B_crit lies outside the batch sizes fitted")
+    caveat = f" Caveat: {'; '.join(caveats)}." if caveats else ""
+    return f"With {who}, {numbers}; {verdict}.{caveat}"
+
+
+def _noise_lines(grid: GridAnalysis) -> list[str]:
+    noise = grid.noise
+    lines = [f"*B_simple along the best runs.* Gradient noise was {grid.noise_description}. "
+             "Each best run's B_simple = tr(Sigma) / |G|^2 is averaged over its training from "
+             "step 0 to its crossing of the target, as a time average (the records joined by "
+             "straight lines; a plain mean of log-spaced records would weigh the first steps "
+             "as much as all the rest), then over its seeds, then over the batch sizes in the "
+             "fit (t interval on their number - 1 df)."]
+    if noise is None:
+        return lines + ["No B_simple along the best runs (no noise records, or no B_crit).", ""]
+    per_b = "; ".join(f"{b}: {fmt_estimate(e, '.0f')}" for b, e in noise.by_batch_size.items())
+    b_simple = noise.b_simple
+    lines.append(f"Per batch size (mean ± s.d. over seeds): {per_b}. Mean over batch sizes: "
+                 f"**B_simple = {_number(b_simple.mean)}** (95% t interval on "
+                 f"{_fmt_df(b_simple.df)} df [{_number(b_simple.lo)}, {_number(b_simple.hi)}]; "
+                 f"up to {noise.records} records a run).")
+    boot = (f"; over the seed bootstrap (the same draws as B_crit's, the best rate re-selected) "
+            f"[{noise.ratio_bootstrap[0]:.2g}, {noise.ratio_bootstrap[1]:.2g}]"
+            if noise.ratio_bootstrap else "")
+    lines.append(f"B_simple / B_crit = **{noise.ratio:.2g}**: 95% t interval "
+                 f"[{noise.ratio_interval[0]:.2g}, {noise.ratio_interval[1]:.2g}] (delta method "
+                 f"on the logs, Satterthwaite df){boot}.")
+    return lines + [""]
+
+
+def grid_section(name: str, analysis: Analysis, level: int = 2) -> list[str]:
+    """Markdown lines of one optimizer's grid: setup, the table, the fits, B_simple, the
+    comparison sentence."""
+    grid = _grid_of(analysis)
+    settings = grid.settings
+    h = "#" * level
+    seeds = ", ".join(map(str, grid.seeds))
+    stop = (f"; runs of a batch size stop once each has reached the target, diverged or run "
+            f"{settings['stop_factor']:g}x the fewest steps to the target of that batch size "
+            "(hopeless)" if settings.get("stop_factor") else "")
+    budget = (f", or at {settings['max_epochs']} epochs (budget)"
+              if settings.get("max_epochs") else "")
+    source = {"manifest": "fixed by the sweep before training", "given": "given",
+              "default": "the sweep recorded none: the lowest loss that some rate brings every "
+                         "seed to at every batch size, rounded up"}.get(grid.target_source,
+                                                                        grid.target_source)
+    lines = [f"{h} {_optimizer_name(grid.optimizer)} (`{name}`)", "",
+             f"Target: smoothed training loss {grid.target_loss:g} ({source}); "
+             f"seeds {seeds}; {sum(len(r.cells) for r in grid.rates.values())} (batch size, "
+             f"rate) pairs{stop}{budget}.", ""]
+    lines += grid_table(grid) + [""]
+    lines += ["Every rate tried (the best in bold; steps over the seeds that reached the "
+              "target; also in `grid.csv`):", ""] + rates_table(grid) + [""]
+    reasons = sorted({k for r in grid.rates.values() for k in r.not_reached()})
+    if reasons:
+        lines += ["Runs not reaching the target: " + "; ".join(
+            f"{_OUTCOME_SHORT.get(k, k)}: {OUTCOME_TEXT.get(k, k)}" for k in reasons) + ".", ""]
+    lines += _fit_lines(grid) + _scaling_lines(grid) + _noise_lines(grid)
+    lines += [f"**Found:** {_comparison_sentence(name, grid)}", ""]
+    return lines
+
+
+_METHOD = ("Steps to the target are counted at the BEST learning rate of each batch size, as "
+           "McCandlish et al. (2018, arXiv:1812.06162) and Shallue et al. (2019, "
+           "arXiv:1811.03600) count them. Per batch size, each rate of its grid was trained "
+           "with every seed; a run reaches the target at the first step where its per-step "
+           f"training loss, smoothed by a centred moving average over {LOSS_WINDOW_EXAMPLES:,} "
+           "examples, falls to it (interpolated between steps). The best rate has the fewest "
+           "mean steps among the rates where EVERY seed reached the target; a run that "
+           "diverged, was stopped as hopeless or at the budget, or is missing makes its rate "
+           "ineligible and is counted in the table, never dropped. A best rate at either end of "
+           "its grid (after the sweep's extensions) is unreliable: the optimum may lie beyond "
+           "it. Near-best rates are those whose mean steps are not significantly above the "
+           f"best's (one-sided Welch t test, p < {ALPHA:g}). S(B) and E(B) are the mean steps and "
+           "examples over seeds at the best rate, with t intervals. Eq. 2.11, (S / S_min - 1)(E "
+           "/ E_min - 1) = 1, is fitted to S(B) by relative-error least squares "
+           "(`batchjax.critical`); B_crit = E_min / S_min has a t interval from the fit's "
+           "residuals (delta method, on the log scale, n - 2 df) and a bootstrap interval: "
+           "within each batch size the seeds are resampled with replacement and the best rate "
+           "is chosen again among the eligible rates, so the interval includes the uncertainty "
+           "of the choice (batch sizes are drawn independently: with 3 seeds, whole seed "
+           "columns would give only 10 distinct draws; a seed's common effect on every batch "
+           "size cancels in B_crit). With 3 seeds the bootstrap is coarse; the t interval is "
+           "the one the verdicts use. Every verdict is a t test (no 2-SE rule).")
+
+
+def _cross_optimizer_lines(grids: dict[str, GridAnalysis]) -> list[str]:
+    valid = {n: g for n, g in grids.items() if g.fit is not None and g.fit.valid
+             and g.fit_df > 0 and np.isfinite(g.fit.b_crit_stderr)}
+    if len(valid) != 2:
+        return []
+    (na, a), (nb, b) = valid.items()
+    diff = math.log(b.fit.b_crit) - math.log(a.fit.b_crit)
+    test = stats.combined_test(diff, [((a.fit.b_crit_stderr / a.fit.b_crit) ** 2, a.fit_df),
+                                      ((b.fit.b_crit_stderr / b.fit.b_crit) ** 2, b.fit_df)])
+    lo, hi = test.interval()
+    return [f"B_crit with {_optimizer_name(nb)} is {math.exp(diff):.2f} times B_crit with "
+            f"{_optimizer_name(na)} (95% t interval [{math.exp(lo):.2f}, {math.exp(hi):.2f}] on "
+            f"the logs; {t_text(test, 'two')}).", ""]
+
+
+def critical_comparison(analyses: dict[str, Analysis], *,
+                        figures: Sequence[str | os.PathLike] = (),
+                        notes: Sequence[str] = ()) -> str:
+    """The comparison report of grid sweeps, one per optimizer, as Markdown.
+
+    Per optimizer: the table of batch sizes (best rate, S, E, flags), the fits of eq. 2.11 and
+    of the best rate against B (eq. 2.7; a power law), B_crit against B_simple along the best
+    runs, and a sentence that states the outcome whichever way it comes out.
+
+    Args:
+      analyses: name (e.g. "sgd", "adam_keras": the sweep directory's name) -> the `Analysis`
+        of a grid sweep.
+      figures: figure files to list at the end.
+      notes: notes to print at the top.
+
+    Raises:
+      BatchjaxError: an analysis is not of a grid sweep, or none is given.
+    """
+    if not analyses:
+        raise BatchjaxError("critical_comparison needs at least one grid analysis")
+    grids = {name: _grid_of(a) for name, a in analyses.items()}
+    first = next(iter(analyses.values())).results
+    lines = ["# The critical batch size with the learning rate tuned per batch size", ""]
+    all_notes = list(notes) + [f"{name}: run {run} DIVERGED at step {step}; counted as not "
+                               "reaching the target" for name, a in analyses.items()
+                               for run, step in a.diverged]
+    if all_notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in all_notes] + [""]
+    lines += [f"Data: {first.dataset_label()}. " + _METHOD, "",
+              "## Summary", "",
+             "| optimizer | B_crit | 95% t interval | bootstrap interval | B_simple | "
+             "B_simple / B_crit | 95% t interval | outcome |", "|---|---|---|---|---|---|---|---|"]
+    for name, g in grids.items():
+        fit, noise = g.fit, g.noise
+        crit = _number(fit.b_crit) if fit is not None and fit.valid else "n/a"
+        boot = _interval(fit.b_crit_interval) if fit is not None else "n/a"
+        if noise is not None:
+            lines.append(f"| {_optimizer_name(g.optimizer)} | {crit} | "
+                         f"{_interval(g.b_crit_t_interval)} | {boot} | "
+                         f"{_number(noise.b_simple.mean)} | {noise.ratio:.2g} | "
+                         f"[{noise.ratio_interval[0]:.2g}, {noise.ratio_interval[1]:.2g}] | "
+                         f"{noise.outcome} |")
+        else:
+            lines.append(f"| {_optimizer_name(g.optimizer)} | {crit} | "
+                         f"{_interval(g.b_crit_t_interval)} | {boot} | n/a | n/a | n/a | - |")
+    lines.append("")
+    lines += [f"- {_comparison_sentence(name, g)}" for name, g in grids.items()] + [""]
+    lines += _cross_optimizer_lines(grids)
+    lines.append("McCandlish et al. report B_simple for MNIST at about 900 and call it an "
+                 "overestimate of B_crit there; the rows above measure both on the same runs.")
+    lines.append("")
+    for name, a in analyses.items():
+        lines += grid_section(name, a)
+    if figures:
+        lines += ["## Figures", ""] + [f"- `{f}`" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+def write_critical_comparison(analyses: dict[str, Analysis], out_dir: str | os.PathLike, *,
+                              figures: Sequence[str | os.PathLike] = (),
+                              notes: Sequence[str] = ()) -> str:
+    """Write `critical_comparison(analyses)` to `out_dir/report.md` and every grid's
+    `grid_record` to `out_dir/grids.json` (keyed by name), atomically; returns the Markdown."""
+    out_dir = pathlib.Path(out_dir)
+    text = critical_comparison(analyses, figures=figures, notes=notes)
+    record = {name: grid_record(_grid_of(a)) for name, a in analyses.items()}
+    write_bytes_atomic(out_dir / "grids.json", (json.dumps(to_jsonable(record), indent=1,
+                                                           allow_nan=False) + "\n").encode())
+    write_bytes_atomic(out_dir / "report.md", text.encode())
+    return text
+
+
+def grid_record(grid: GridAnalysis) -> dict:
+    """The grid analysis as plain values (NaN: not reached), for grid.json."""
+    def est(e: Estimate) -> dict:
+        return {"mean": e.mean, "sd": e.sd, "n": e.n, "lo": e.lo, "hi": e.hi}
+
+    rates = {}
+    for b, r in grid.rates.items():
+        rates[b] = {
+            "learning_rates": r.learning_rates, "extended": r.extended,
+            "best_learning_rate": r.best.learning_rate if r.best else None,
+            "edge": r.edge, "unreliable": r.unreliable if r.best else None, "note": r.note,
+            "near_best": [r.cells[i].learning_rate for i in r.choice.near],
+            "steps": est(r.steps), "examples": est(r.examples),
+            "cells": [{"learning_rate": c.learning_rate,
+                       "seeds": [{"seed": s.seed, "outcome": s.outcome, "steps": s.steps,
+                                  "examples": s.examples, "b_simple": s.b_simple,
+                                  "run": s.name} for s in c.seeds]} for c in r.cells]}
+    s, noise = grid.scaling, grid.noise
+    return {
+        "optimizer": grid.optimizer, "target_loss": grid.target_loss,
+        "target_source": grid.target_source, "seeds": grid.seeds, "rates": rates,
+        "fit": grid.fit.to_dict() if grid.fit is not None else None, "fit_df": grid.fit_df,
+        "b_crit_t_interval": grid.b_crit_t_interval, "fit_note": grid.fit_note,
+        "fit_without_unreliable": (grid.fit_without_unreliable.to_dict()
+                                   if grid.fit_without_unreliable is not None else None),
+        "scaling": {"batch_sizes": s.batch_sizes, "learning_rates": s.learning_rates,
+                    "excluded": s.excluded, "primary": s.primary, "note": s.note,
+                    "eq27": s.eq27.to_dict() if s.eq27 is not None else None,
+                    "power": ({"k": s.power.slope, "se": s.power.se, "df": s.power.df,
+                               "lo": s.power.lo, "hi": s.power.hi}
+                              if s.power is not None else None)},
+        "b_simple": None if noise is None else {
+            "mean": noise.b_simple.mean, "lo": noise.b_simple.lo, "hi": noise.b_simple.hi,
+            "by_batch_size": {b: e.mean for b, e in noise.by_batch_size.items()},
+            "ratio": noise.ratio, "ratio_interval": noise.ratio_interval,
+            "ratio_bootstrap": noise.ratio_bootstrap, "t": noise.test.t, "df": noise.test.df,
+            "p_two_sided": noise.test.p(), "outcome": noise.outcome},
+        "noise_description": grid.noise_description, "num_bootstrap": grid.num_bootstrap}
+
+
+def grid_rows(grid: GridAnalysis) -> list[dict]:
+    """One row per batch size, learning rate and seed: the outcome and the steps to target."""
+    return [{"batch_size": b, "learning_rate": c.learning_rate, "seed": s.seed,
+             "run": s.name, "outcome": s.outcome, "steps_to_target": s.steps,
+             "examples_to_target": s.examples, "b_simple_to_target": s.b_simple,
+             "best": r.best is c}
+            for b, r in grid.rates.items() for c in r.cells for s in c.seeds]
+
+
+def _grid_report(analysis: Analysis, figures: Sequence[str | os.PathLike],
+                 notes: Sequence[str]) -> str:
+    results, grid = analysis.results, analysis.grid
+    lines = [f"# Learning-rate grid report: {results.dataset_label()}", ""]
+    lines += _provenance_lines(results) + [""]
+    all_notes = list(notes)
+    for name, step in analysis.diverged:
+        all_notes.append(f"run {name} DIVERGED at step {step} (non-finite loss); counted as "
+                         "not reaching the target")
+    if all_notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in all_notes] + [""]
+    lines += ["## Method", "", _METHOD, ""]
+    lines += grid_section(results.path.name if results.path else grid.optimizer, analysis)
+    if figures:
+        lines += ["## Figures", ""] + [f"- `{f}`" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # The report
 
 
@@ -723,12 +1180,15 @@ def _provenance_lines(results: SweepResults) -> list[str]:
     sessions = m.get("sessions", [])
     last = sessions[-1] if sessions else {}
     versions = last.get("versions", {})
+    rate = (f"learning rate {config.get('learning_rate', '?')} ({config.get('lr_scaling', '?')} "
+            f"scaling, reference B {config.get('reference_batch_size', '?')})"
+            if not m.get("grid") else "learning rates: a grid per batch size (below)")
+    epochs = (f"at most {m['grid']['max_epochs']} epochs" if (m.get("grid") or {}).get("max_epochs")
+              else f"{config.get('epochs', '?')} epochs")
     lines = [
         f"- data: {results.dataset_label()}; source: {d.get('source', 'unknown')}",
         f"- batch sizes {', '.join(map(str, sweep.get('batch_sizes', results.batch_sizes)))}; "
-        f"seeds {', '.join(map(str, sweep.get('seeds', [])))}; {config.get('epochs', '?')} epochs; "
-        f"learning rate {config.get('learning_rate', '?')} ({config.get('lr_scaling', '?')} "
-        f"scaling, reference B {config.get('reference_batch_size', '?')}); optimizer "
+        f"seeds {', '.join(map(str, sweep.get('seeds', [])))}; {epochs}; {rate}; optimizer "
         f"{config.get('optimizer', '?')}; hidden {config.get('hidden', '?')}; noise schedule "
         f"{config.get('noise_schedule', '?')}; sharpness at the end of each run: "
         + (", ".join(f"{k} {v}" for k, v in m["sharpness"].items()) if m.get("sharpness")
@@ -754,6 +1214,8 @@ def build_report(analysis: Analysis, *, figures: Sequence[str | os.PathLike] = (
       figures: figure files to list.
       notes: notes to print at the top.
     """
+    if analysis.grid is not None:
+        return _grid_report(analysis, figures, notes)
     results, summary = analysis.results, analysis.summary
     target = analysis.target_accuracy
     target_text = "n/a" if target is None else f"{100 * target:.1f}%" + (
@@ -822,7 +1284,7 @@ def write_report(results_or_analysis: SweepResults | Analysis,
                  analysis: Analysis | None = None) -> str:
     """Write `report.md`, `summary.csv`, `summary.tex` and `critical.json` (targets, steps to
     them, fits and B_simple; `critical_record`) into `out_dir` (default: the sweep's), each
-    atomically.
+    atomically; for a learning-rate grid, `report.md`, `grid.json` and `grid.csv`.
 
     Args:
       results_or_analysis: an `Analysis`, or a loaded sweep to analyse here (with
@@ -842,6 +1304,13 @@ def write_report(results_or_analysis: SweepResults | Analysis,
                            target_accuracy=target_accuracy)
     out_dir = pathlib.Path(out_dir) if out_dir is not None else analysis.results.path
     text = build_report(analysis, figures=figures, notes=notes)
+    if analysis.grid is not None:
+        write_bytes_atomic(out_dir / "grid.json",
+                           (json.dumps(to_jsonable(grid_record(analysis.grid)), indent=1,
+                                       allow_nan=False) + "\n").encode())
+        write_bytes_atomic(out_dir / "grid.csv", rows_to_csv(grid_rows(analysis.grid)).encode())
+        write_bytes_atomic(out_dir / "report.md", text.encode())
+        return text
     write_bytes_atomic(out_dir / "summary.csv", summary_csv(analysis).encode())
     write_bytes_atomic(out_dir / "summary.tex", summary_latex(analysis).encode())
     write_bytes_atomic(out_dir / "critical.json",
@@ -904,7 +1373,10 @@ def _key_numbers(claim: Claim, analysis: Analysis) -> str:
 
 def verdict_table(analysis: Analysis) -> str:
     """A plain-text table for the console: each claim, its verdict and its key numbers, then
-    the sharp-minima verdict and B_crit against B_simple."""
+    the sharp-minima verdict and B_crit against B_simple (for a grid: B_crit at the best rates,
+    B_simple and the best rate against B)."""
+    if analysis.grid is not None:
+        return _grid_verdict_table(analysis.grid)
     rows = [(str(c.number), c.statement, c.verdict, _key_numbers(c, analysis))
             for c in analysis.claims]
     s = analysis.sharpness
@@ -931,6 +1403,41 @@ def verdict_table(analysis: Analysis) -> str:
     width = 52
     rows = [(n, st if len(st) <= width else st[:width - 1] + "…", v, k) for n, st, v, k in rows]
     header = ("#", "claim", "verdict", "key numbers")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3]]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    return "\n".join(lines)
+
+
+def _grid_verdict_table(grid: GridAnalysis) -> str:
+    fit, noise, s = grid.fit, grid.noise, grid.scaling
+    rows = []
+    if fit is not None and fit.valid:
+        key = (f"B_crit {_number(fit.b_crit)} {_interval(grid.b_crit_t_interval)} (t), "
+               f"bootstrap {_interval(fit.b_crit_interval)}")
+        if noise is not None:
+            key += (f"; B_simple {_number(noise.b_simple.mean)}, ratio {noise.ratio:.2g} "
+                    f"[{noise.ratio_interval[0]:.2g}, {noise.ratio_interval[1]:.2g}]")
+        rows.append(("C", f"critical batch size at the best rates ({grid.optimizer})",
+                     noise.outcome if noise is not None else "fitted", key))
+    else:
+        rows.append(("C", f"critical batch size at the best rates ({grid.optimizer})", "no fit",
+                     (grid.fit_note or "not of the model's shape").split(";")[0]))
+    if s.eq27 is not None and s.primary == "eq27":
+        key = (f"eps_max {_rate(s.eq27.eps_max)}, B_noise {_number(s.eq27.b_noise)} "
+               f"{_interval(s.eq27.b_noise_interval)}" if s.eq27.identified
+               else "B_noise not identified")
+        rows.append(("L", "best rate against B: eq. 2.7", "fitted", key))
+    elif s.power is not None:
+        rows.append(("L", "best rate against B: power law", "fitted",
+                     f"k = {s.power.slope:+.2f} [{s.power.lo:+.2f}, {s.power.hi:+.2f}]"))
+    else:
+        rows.append(("L", "best rate against B", "no fit", s.note or ""))
+    flagged = [f"{b}: no rate reached" for b in grid.unreached]
+    flagged += [f"{b}: unreliable (edge)" for b in grid.unreliable]
+    if flagged:
+        rows.append(("F", "flagged batch sizes", str(len(flagged)), "; ".join(flagged)))
+    header = ("#", "quantity", "outcome", "key numbers")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3]]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]

@@ -12,7 +12,9 @@ Layout of a sweep directory `OUT/`:
                                 nested values flattened to `minibatch_variance.32`,
                                 `trace_cov_per_layer.hidden/kernel`, `empirical.mean`, ...
     OUT/.lock                   who is writing the directory (`DirectoryLock`).
-    OUT/bs00032_seed0/config.json    the run's `TrainConfig`, written before it trains.
+    OUT/bs00032_seed0/config.json    the run's `TrainConfig`, written before it trains; in a
+                                sweep with a learning-rate grid the runs are named
+                                `bs00032_lr0.00316_seed0` (the rate as `{lr:.3g}`).
     OUT/bs00032_seed0/steps.npz      every optimizer step: step_losses, step_batch_sizes.
     OUT/bs00032_seed0/metrics.json   everything else the run produced, written last:
         complete (true), status ("complete" | "diverged"), diverged_step, learning_rate
@@ -21,7 +23,15 @@ Layout of a sweep directory `OUT/`:
         (gradient-noise records), compile_seconds, trained_with (the names of the runs
         trained in one program with this one: epoch times are those of the group),
         sharpness (the Hessian of the training loss at the final parameters, null when it
-        was not measured or the run diverged; settings in the manifest's `sharpness`).
+        was not measured or the run diverged; settings in the manifest's `sharpness`),
+        stopped and target (grid sweeps with a training-loss target: why its group stopped
+        training it, and its steps and examples to the target in the saved steps, null when
+        not reached; null elsewhere).
+
+A grid sweep's manifest also holds `grid`: the learning rates per batch size (growing as an
+adaptive search extends them), the extensions made, the target, stop factor, epoch budget
+and search settings, and the sweep's provisional best rate per batch size (`grid_record`);
+plain sweeps have `"grid": null`.
 
 A run is complete exactly when its `metrics.json` exists: every file is written to a temporary
 name in the same directory, flushed, fsynced and renamed over its final name (`os.replace` is
@@ -69,7 +79,7 @@ HISTORY_CSV = "history.csv"
 NOISE_CSV = "noise.csv"
 LOCK = ".lock"
 TEMP_SUFFIX = ".tmp"
-_RUN_DIR = re.compile(r"^bs(\d{5,})_seed(\d+)$")
+_RUN_DIR = re.compile(r"^bs(\d{5,})(?:_lr([0-9][0-9.e+-]*))?_seed(\d+)$")
 # mkstemp creates files readable by the owner only; results get the usual umask instead.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -77,15 +87,32 @@ os.umask(_UMASK)
 _DATASET_IDENTITY = ("name", "num_train", "num_val", "image_shape", "num_classes")
 
 
-def run_name(batch_size: int, seed: int) -> str:
-    """The directory name of one run, e.g. `bs00032_seed0` (sorts by batch size)."""
-    return f"bs{batch_size:05d}_seed{seed}"
+def run_name(batch_size: int, seed: int, learning_rate: float | None = None) -> str:
+    """The directory name of one run, e.g. `bs00032_seed0` (sorts by batch size), or in a
+    sweep with a learning-rate grid `bs00032_lr0.00316_seed0` (the rate as `{lr:.3g}`)."""
+    if learning_rate is None:
+        return f"bs{batch_size:05d}_seed{seed}"
+    return f"bs{batch_size:05d}_lr{learning_rate:.3g}_seed{seed}"
+
+
+def parse_run_key(name: str) -> tuple[int, float | None, int] | None:
+    """(batch_size, learning_rate or None, seed) of a run directory name, or None if it is
+    not one. The rate is the name's 3 significant digits; `config.json` holds the exact one."""
+    match = _RUN_DIR.match(name)
+    if not match:
+        return None
+    try:
+        rate = float(match.group(2)) if match.group(2) is not None else None
+    except ValueError:
+        return None
+    return int(match.group(1)), rate, int(match.group(3))
 
 
 def parse_run_name(name: str) -> tuple[int, int] | None:
-    """(batch_size, seed) of a run directory name, or None if it is not one."""
-    match = _RUN_DIR.match(name)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    """(batch_size, seed) of a run directory name (with or without a learning rate), or None
+    if it is not one."""
+    key = parse_run_key(name)
+    return (key[0], key[2]) if key else None
 
 
 def abbreviate(values: Iterable[int], limit: int = 6) -> str:
@@ -247,17 +274,25 @@ def metrics_record(run: Run) -> dict[str, Any]:
         "final_train": run.final_train,
         "noise": run.noise,
         "sharpness": run.sharpness,
+        "stopped": run.stopped,
+        "target": run.target,
         "steps": {"file": STEPS, "count": int(len(run.step_losses))},
     }
 
 
-def write_run(out_dir: str | os.PathLike, run: Run) -> pathlib.Path:
+def write_run(out_dir: str | os.PathLike, run: Run, name: str | None = None) -> pathlib.Path:
     """Write one finished run: `config.json`, `steps.npz`, then `metrics.json` (last).
+
+    Args:
+      out_dir: the sweep directory.
+      run: the run.
+      name: its directory name (default `run_name(batch_size, seed)`; a grid sweep names
+        the learning rate too).
 
     Returns:
       The run directory (also stored in `run.path`).
     """
-    run_dir = pathlib.Path(out_dir) / run_name(run.batch_size, run.seed)
+    run_dir = pathlib.Path(out_dir) / (name or run_name(run.batch_size, run.seed))
     write_json_atomic(run_dir / CONFIG, run.config.to_dict())
     losses = np.asarray(run.step_losses)
     write_npz_atomic(run_dir / STEPS,
@@ -340,6 +375,8 @@ def load_run(run_dir: str | os.PathLike) -> Run | None:
         final_train=m.get("final_train"),
         sharpness=m.get("sharpness"),
         path=run_dir,
+        stopped=m.get("stopped"),
+        target=m.get("target"),
     )
 
 
@@ -349,15 +386,33 @@ class SweepResults:
 
     Attributes:
       manifest: the parsed `manifest.json` (empty when there is none).
-      runs: completed runs (`batchjax.run.Run`), sorted by batch size then seed.
-      missing: (batch_size, seed) pairs of the manifest with no completed run.
+      runs: completed runs (`batchjax.run.Run`), sorted by batch size, then learning rate
+        (grid sweeps), then seed.
+      missing: (batch_size, seed) pairs of the manifest with no completed run (grid sweeps:
+        with no completed run at some learning rate the manifest lists, or at all).
       path: the sweep directory.
+      missing_names: the directory names of the runs the manifest lists without a completed
+        run (grid sweeps name each learning rate; batch sizes whose rates an adaptive search
+        has not chosen yet are in `missing` only).
     """
 
     manifest: dict
     runs: list[Run]
     missing: list[tuple[int, int]]
     path: pathlib.Path
+    missing_names: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def grid(self) -> dict | None:
+        """The manifest's learning-rate grid record (`grid_record`), or None (a plain sweep)."""
+        return self.manifest.get("grid") or None
+
+    def learning_rates(self, batch_size: int) -> list[float]:
+        """The learning rates of `batch_size` the manifest's grid lists (ascending; [] for a
+        plain sweep or a batch size not reached yet)."""
+        grid = self.grid or {}
+        return sorted(float(v) for v in (grid.get("learning_rates") or {}).get(
+            str(batch_size), []))
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -415,15 +470,31 @@ def load_sweep(out_dir: str | os.PathLike, *, require_runs: bool = True) -> Swee
             run = load_run(child)
             if run is not None:
                 runs.append(run)
-    runs.sort(key=lambda r: (r.batch_size, r.seed))
+    runs.sort(key=lambda r: (r.batch_size, r.config.learning_rate, r.seed))
     sweep = manifest.get("sweep", {})
     done = {(r.batch_size, r.seed) for r in runs}
-    missing = [(b, s) for b in sweep.get("batch_sizes", []) for s in sweep.get("seeds", [])
-               if (b, s) not in done]
+    grid = manifest.get("grid") or None
+    missing_names = []
+    if grid is None:
+        missing = [(b, s) for b in sweep.get("batch_sizes", []) for s in sweep.get("seeds", [])
+                   if (b, s) not in done]
+        missing_names = [run_name(b, s) for b, s in missing]
+    else:
+        names = {r.path.name for r in runs if r.path is not None}
+        missing = []
+        for b in sweep.get("batch_sizes", []):
+            rates = (grid.get("learning_rates") or {}).get(str(b))
+            for s in sweep.get("seeds", []):
+                absent = [run_name(b, s, lr) for lr in rates or []
+                          if run_name(b, s, lr) not in names]
+                missing_names.extend(absent)
+                if absent or (not rates and (b, s) not in done):
+                    missing.append((b, s))
     if require_runs and not runs:
         raise BatchjaxError(f"{out_dir} holds no completed run; run the sweep (resume it if it "
                             "was stopped)")
-    return SweepResults(manifest=manifest, runs=runs, missing=missing, path=out_dir)
+    return SweepResults(manifest=manifest, runs=runs, missing=missing, path=out_dir,
+                        missing_names=sorted(missing_names))
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,8 +505,12 @@ _INTEGER_HISTORY = ("epoch", "steps", "examples_seen")
 
 
 def _run_columns(run: Run) -> dict[str, Any]:
-    return {"run": run_name(run.batch_size, run.seed), "batch_size": run.batch_size,
-            "seed": run.seed, "learning_rate": run.learning_rate, "status": run.status}
+    columns = {"run": run.path.name if run.path is not None else
+               run_name(run.batch_size, run.seed), "batch_size": run.batch_size,
+               "seed": run.seed, "learning_rate": run.learning_rate, "status": run.status}
+    if run.stopped is not None:  # grid sweeps: why its group stopped training it
+        columns["stopped"] = run.stopped
+    return columns
 
 
 def history_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
@@ -513,16 +588,90 @@ def write_tables(out_dir: str | os.PathLike, runs: Sequence[Run]) -> list[pathli
 # The sweep's identity: what a resumed sweep must match
 
 
+def grid_record(*, learning_rates: dict[int, Sequence[float]], target_loss: float | None,
+                stop_factor: float, max_epochs: int, search: dict | None = None,
+                noise_steps: str | None = None) -> dict:
+    """The manifest's `grid` of a sweep with a learning-rate grid.
+
+    Args:
+      learning_rates: the rates of each batch size so far (an adaptive search adds batch
+        sizes and extends their rates as it goes; `extended` records how).
+      target_loss: the training-loss target fixed before training, or None (no early stop).
+      stop_factor: a run is hopeless past this many times the fewest steps to the target of
+        any run of its batch size.
+      max_epochs: the epoch budget (the configuration's `epochs`).
+      search: the settings of an adaptive search (`batchjax.sweep.LearningRateSearch`), or
+        None for a fixed grid.
+      noise_steps: when the runs' gradient noise was measured: "log" (the log-spaced steps of
+        the "log" schedule alone, without its epoch ends), "epoch", or None (not measured).
+
+    Returns:
+      {"learning_rates": {"8": [...]}, "extended": {"8": ["up", ...]}, "target_loss",
+      "stop_factor", "max_epochs", "search", "noise_steps", "best": {"8": the sweep's
+      provisional best rate or null}, "unreliable": {"8": why}}: the identity is the search
+      settings (adaptive) or the learning rates (fixed), with the target and the stop factor.
+    """
+    return {"learning_rates": {str(b): [float(v) for v in sorted(rates)]
+                               for b, rates in sorted(learning_rates.items())},
+            "extended": {}, "target_loss": target_loss, "stop_factor": stop_factor,
+            "max_epochs": max_epochs, "search": search, "noise_steps": noise_steps,
+            "best": {}, "unreliable": {}}
+
+
 def sweep_identity(*, batch_sizes: Sequence[int], seeds: Sequence[int],
-                   config: TrainConfig, sharpness: dict | None, dataset: dict) -> dict:
+                   config: TrainConfig, sharpness: dict | None, dataset: dict,
+                   grid: dict | None = None) -> dict:
     """What a sweep directory holds, as the manifest records it (all fields but batch size and
-    seed are shared by every run)."""
+    seed, and the learning rate in a sweep with a `grid` (`grid_record`), are shared by every
+    run)."""
     shared = config.to_dict()
     shared.pop("batch_size")
     shared.pop("seed")
+    if grid is not None:
+        shared.pop("learning_rate")
     return {"sweep": {"batch_sizes": list(batch_sizes), "seeds": list(seeds),
                       "epochs": config.epochs},
-            "config": shared, "sharpness": sharpness, "dataset": dataset}
+            "config": shared, "sharpness": sharpness, "dataset": dataset, "grid": grid}
+
+
+def rates_text(rates: Iterable[float]) -> str:
+    """Learning rates for a message: `0.001,0.002,0.004`."""
+    return ",".join(f"{v:.3g}" for v in sorted(rates))
+
+
+def _grid_text(grid: dict | None) -> str:
+    if not grid:
+        return "none (one learning rate per batch size)"
+    if grid.get("search"):
+        return "an adaptive search (" + ", ".join(f"{k} {v}" for k, v in
+                                                  grid["search"].items()) + ")"
+    rates = {tuple(v) for v in (grid.get("learning_rates") or {}).values()}
+    if len(rates) == 1:
+        return f"learning rates {rates_text(next(iter(rates)))}"
+    return f"{len(rates)} lists of learning rates"
+
+
+def _grid_differences(saved: dict | None, asked: dict | None) -> list[str]:
+    if not saved and not asked:
+        return []
+    if not saved or not asked or bool(saved.get("search")) != bool(asked.get("search")):
+        return [f"learning-rate grid saved {_grid_text(saved)}, asked {_grid_text(asked)}"]
+    diffs = []
+    for key in ("target_loss", "stop_factor"):
+        if saved.get(key) != asked.get(key):
+            diffs.append(f"{key} saved {saved.get(key)!r}, asked {asked.get(key)!r}")
+    if asked.get("search"):
+        if saved["search"] != asked["search"]:
+            diffs.append(f"learning-rate grid saved {_grid_text(saved)}, "
+                         f"asked {_grid_text(asked)}")
+        return diffs
+    saved_rates, asked_rates = saved.get("learning_rates") or {}, asked["learning_rates"]
+    for b in sorted(set(saved_rates) | set(asked_rates), key=int):
+        a, c = saved_rates.get(b, []), asked_rates.get(b, [])
+        if sorted(a) != sorted(c):
+            diffs.append(f"learning rates at batch size {b} saved {rates_text(a) or 'none'}, "
+                         f"asked {rates_text(c) or 'none'}")
+    return diffs
 
 
 def _sharpness_text(settings: dict | None) -> str:
@@ -543,6 +692,7 @@ def manifest_differences(saved: dict, asked: dict) -> list[str]:
         if saved_config.get(key) != asked_config.get(key):
             diffs.append(f"{key} saved {saved_config.get(key)!r}, "
                          f"asked {asked_config.get(key)!r}")
+    diffs.extend(_grid_differences(saved.get("grid"), asked.get("grid")))
     if saved.get("sharpness") != asked["sharpness"]:
         diffs.append(f"sharpness saved {_sharpness_text(saved.get('sharpness'))}, "
                      f"asked {_sharpness_text(asked['sharpness'])}")

@@ -48,6 +48,14 @@ class Run:
         or None (not evaluated, or diverged).
       sharpness: Hessian measurements at the final parameters (`batchjax.sharpness`), or None.
       path: the run's directory once saved, or None.
+      stopped: in a sweep with a training-loss target (a learning-rate grid), why its group
+        of runs stopped training it: "target" (it reached the target), "hopeless" (it had
+        not, after more than the sweep's stop factor times the fewest steps any run of its
+        batch size needed), "budget" (it had not, at the epoch budget) or "diverged"; None
+        elsewhere.
+      target: in such a sweep, {"train_loss": T, "steps": s, "examples": e}: the target and
+        the steps and examples to it (`batchjax.critical.steps_to_target` on every step the
+        run trained; None when it did not reach it); else None.
     """
 
     config: TrainConfig
@@ -66,6 +74,8 @@ class Run:
     final_train: dict[str, float] | None = None
     sharpness: dict[str, Any] | None = None
     path: pathlib.Path | None = None
+    stopped: str | None = None
+    target: dict[str, Any] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -1,19 +1,32 @@
-"""A sweep: a grid of batch sizes x seeds -> training runs -> results on disk, resumable.
+"""A sweep: batch sizes x seeds (x learning rates) -> training runs -> results on disk, resumable.
 
 `run_sweep` orchestrates; the other modules do the work:
 
   1. check the grid against the data, and its memory against the devices before any work
      (`batchjax.memory`): a grid that cannot fit is refused, one that fits only in groups of
-     seeds is trained in groups;
+     runs is trained in groups;
   2. lock the results directory (`batchjax.results.DirectoryLock`: one sweep per directory)
      and check that it may hold this sweep: a fresh sweep refuses a non-empty directory,
-     `resume=True` refuses one whose saved configuration differs (naming each differing
-     field) and otherwise trains only the runs without a saved result;
-  3. train each group of seeds of a batch size in one program (`batchjax.train.train_runs`),
+     `resume=True` refuses one whose saved configuration (or learning-rate grid) differs,
+     naming each differing field, and otherwise trains only the runs without a saved result;
+  3. train each group of runs of a batch size in one program (`batchjax.train.train_runs`),
      then evaluate each run's final parameters on the whole training set and measure its
      sharpness (`batchjax.sharpness`, settings `SharpnessSettings`, part of the sweep's
      identity), and save it at once (`batchjax.results.write_run`);
   4. write the tidy tables (`history.csv`, `noise.csv`) and close the manifest.
+
+Learning-rate grids (issue #15; McCandlish et al. 2018, arXiv:1812.06162, and Shallue et al.
+2019, arXiv:1811.03600, count the steps to a target at the best learning rate of each batch
+size): with `learning_rates`, every (rate, seed) of a batch size trains in one vmapped program
+and is saved as its own run (`bs00032_lr0.00316_seed0`). With a `target_loss` fixed before
+training, a group stops early (`EarlyStop`): at the first epoch end at which every run has
+reached the target (the smoothed per-step loss of `batchjax.critical.steps_to_target`),
+diverged, or is hopeless (more than `stop_factor` times the fewest steps to the target of
+any run of its batch size), or at the epoch budget; each run records why (`Run.stopped`) and
+runs that never reach the target are saved like the others. A `LearningRateSearch` chooses the
+rates as it goes: batch sizes in ascending order, each grid centred on the best rate of the
+batch size before (`choose_learning_rate`, the rule of design.md), extended past an edge;
+the manifest records the grid as it grows, so a killed search resumes where it stopped.
 
 A run whose loss becomes NaN or infinite is saved with status "diverged" and the step (and no
 sharpness); the sweep goes on. `should_stop()` is polled at every safe point (between epoch
@@ -27,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import math
 import os
 import pathlib
 import platform
@@ -37,24 +51,31 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from batchjax import critical
 from batchjax.config import TrainConfig
 from batchjax.errors import BatchjaxError
-from batchjax.memory import check_memory, describe_groups, split_groups
+from batchjax.memory import check_memory, describe_groups, format_bytes, split_groups
 from batchjax.model import MLP
 from batchjax.noise import make_measure
 from batchjax.results import (CONFIG, MANIFEST, SCHEMA_VERSION, DirectoryLock, SweepResults,
-                              abbreviate, check_out_dir, load_run, load_sweep, read_json,
-                              remove_stale_temp_files, run_name, sweep_identity,
-                              write_json_atomic, write_run, write_tables)
+                              abbreviate, check_out_dir, grid_record, load_run, load_sweep,
+                              rates_text, read_json, remove_stale_temp_files, run_name,
+                              sweep_identity, write_json_atomic, write_run, write_tables)
 from batchjax.rng import stream_key
 from batchjax.run import Run
 from batchjax.sharpness import SharpnessSettings, sharpness as compute_sharpness
-from batchjax.train import Interrupted, make_evaluate, train_runs
+from batchjax.train import Interrupted, make_evaluate, measurement_steps, train_runs
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "matplotlib", "tensorflow-datasets",
             "tqdm", "batchjax")
 # Epoch segments of at most about this long, so that a stop request waits at most one.
 SEGMENT_SECONDS = 1.0
+# A run of a grid sweep is hopeless past this many times the fewest steps to the target of
+# any run of its batch size (design.md, round 2).
+STOP_FACTOR = 3.0
+# Minibatches of the sampled check of each noise record in a grid sweep (every run of a grid
+# is measured; at B = 1,024 the default 200 cost 6x the rest of a record on CPU).
+GRID_EMPIRICAL_BATCHES = 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,21 +151,281 @@ def check_against_data(config: TrainConfig, dataset, batch_sizes: Sequence[int])
                             f"{dataset.num_train} (0 means all of it)")
 
 
-def _completed_seeds(out_dir: pathlib.Path, config: TrainConfig, seeds: list[int]) -> list[int]:
-    done = []
-    for s in seeds:
-        run_dir = out_dir / run_name(config.batch_size, s)
+def _completed_runs(out_dir: pathlib.Path, expected: dict[str, TrainConfig]) -> dict[str, Run]:
+    """The saved, complete runs among `expected` ({directory name: its configuration})."""
+    done = {}
+    for name, config in expected.items():
+        run_dir = out_dir / name
         if not (run_dir / "metrics.json").exists():
             continue
         run = load_run(run_dir)
         if run is None:
             continue
-        if run.config != dataclasses.replace(config, seed=s):
+        if run.config != config:
             raise BatchjaxError(f"resume: {run_dir / CONFIG} differs from the asked "
                                 f"configuration; choose another results directory, or delete "
                                 f"{run_dir}")
-        done.append(s)
+        done[name] = run
     return done
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate grids: the adaptive search, the provisional best rate, the early stop
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRateSearch:
+    """The adaptive learning-rate grid of the critical-batch-size protocol (issue #15).
+
+    At the first batch size the grid is `num_rates` rates `spacing` apart around `centre`:
+    centre * spacing**k for k = -(num_rates // 2), ..., num_rates - num_rates // 2 - 1 (6 rates
+    factor 2 apart: centre / 8 ... centre * 4; more below the guess than above it, since the
+    best rate grows at most linearly with B). At each later batch size B the guess is the
+    best rate at the previous batch size B' times `scale`**log2(B / B'): 2 per doubling for SGD
+    (the linear scaling of the small-batch regime, McCandlish et al. 2018 eq. 2.7), sqrt(2)
+    for Adam. When the best rate is the smallest or largest of its grid, `extend_by` more
+    rates `spacing` apart beyond that edge are trained (the same seeds), at most
+    `max_extensions` times per direction; a best rate still on the edge marks the batch size
+    unreliable.
+
+    Attributes:
+      centre: the guess at `centre_batch_size` (chosen by a pilot; scripts/sweep.py).
+      num_rates, spacing: the grid around each guess.
+      scale: the guess's factor per doubling of the batch size.
+      extend_by, max_extensions: the extensions beyond an edge.
+      centre_batch_size: the batch size of `centre`; the first batch size's guess is
+        centre * scale**log2(B / centre_batch_size). None: the first batch size's.
+    """
+
+    centre: float
+    num_rates: int = 6
+    spacing: float = 2.0
+    scale: float = 2.0
+    extend_by: int = 2
+    max_extensions: int = 2
+    centre_batch_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("centre", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise BatchjaxError(f"LearningRateSearch {name} must be a finite number > 0, "
+                                    f"got {value!r}")
+        if not (isinstance(self.spacing, (int, float)) and math.isfinite(self.spacing)
+                and self.spacing > 1):
+            raise BatchjaxError(f"LearningRateSearch spacing must be a number > 1, got "
+                                f"{self.spacing!r}")
+        for name, least in (("num_rates", 2), ("extend_by", 1), ("max_extensions", 0),
+                            ("centre_batch_size", 1)):
+            value = getattr(self, name)
+            if name == "centre_batch_size" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise BatchjaxError(f"LearningRateSearch {name} must be an integer >= {least}, "
+                                    f"got {value!r}")
+
+    def rates_around(self, guess: float) -> list[float]:
+        """The grid of `num_rates` rates around `guess`, ascending."""
+        low = -(self.num_rates // 2)
+        return [guess * self.spacing ** k for k in range(low, low + self.num_rates)]
+
+    def guess(self, batch_size: int, previous: tuple[int, float] | None) -> float:
+        """The centre of the grid at `batch_size`, from (B', best rate at B'), or for the first
+        batch size from `centre`."""
+        if previous is None:
+            previous = (self.centre_batch_size or batch_size, self.centre)
+        b, rate = previous
+        if b == batch_size:
+            return float(rate)
+        return float(rate * self.scale ** math.log2(batch_size / b))
+
+    def extend(self, rates: Sequence[float], direction: str) -> list[float]:
+        """`extend_by` rates beyond the "up" (largest) or "down" (smallest) edge of `rates`."""
+        if direction == "up":
+            return [max(rates) * self.spacing ** j for j in range(1, self.extend_by + 1)]
+        return [min(rates) / self.spacing ** j for j in range(self.extend_by, 0, -1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RateChoice:
+    """The sweep's provisional best learning rate of one batch size (`choose_learning_rate`).
+
+    Attributes:
+      best: the rate with the fewest mean steps to the target among the rates whose every
+        seed reached it (exact ties: the smaller rate), or None when no rate did.
+      leaning: `best`, or without one the rate closest to reaching the target: the most seeds
+        reached, then the fewest mean steps over those, then the lowest mean of each run's
+        lowest smoothed loss. It decides the extension and the next batch size's guess.
+      edge: "up" or "down" when `leaning` is the largest or smallest rate of the grid.
+      steps: per rate (ascending), the steps to the target of each seed (None: not reached).
+    """
+
+    best: float | None
+    leaning: float
+    edge: str | None
+    steps: dict[float, list[float | None]]
+
+
+def run_steps_to_target(run: Run, target_loss: float) -> float | None:
+    """Steps at which a run first reached the training-loss target (the smoothed per-step
+    loss of `critical.steps_to_target`), or None. At the target before the first step (0)
+    counts as not reached, as the analysis counts it: such a target says nothing of speed."""
+    hit = critical.steps_to_target(run, train_loss=target_loss)
+    return hit[0] if hit is not None and hit[0] > 0 else None
+
+
+def _lowest_smoothed_loss(run: Run) -> float:
+    losses = np.asarray(run.step_losses, np.float64)
+    finite = int(np.argmin(np.isfinite(losses))) if not np.isfinite(losses).all() else len(losses)
+    if finite == 0:
+        return math.inf
+    return float(critical.smooth_step_losses(losses[:finite],
+                                             run.step_batch_sizes[:finite]).min())
+
+
+def choose_learning_rate(runs: Sequence[Run], target_loss: float) -> RateChoice:
+    """The provisional best learning rate of one batch size's runs (every rate and seed).
+
+    The rule of design.md (round 2), which `batchjax.analysis.analyse_grid` applies to the
+    saved runs with the authority: the fewest mean steps to the training-loss target among
+    the rates whose every seed reached it, ties to the smaller rate. A run that never reached
+    the target counts as a failure of its rate, never as absent.
+
+    Args:
+      runs: the runs of one batch size (any learning rates and seeds).
+      target_loss: the training-loss target.
+
+    Returns:
+      A `RateChoice`.
+    """
+    by_rate: dict[float, list[Run]] = {}
+    for run in runs:
+        by_rate.setdefault(run.config.learning_rate, []).append(run)
+    rates = sorted(by_rate)
+    if not rates:
+        raise BatchjaxError("choose_learning_rate needs at least one run")
+    steps = {lr: [run_steps_to_target(r, target_loss) for r in by_rate[lr]] for lr in rates}
+    complete = [lr for lr in rates if all(v is not None for v in steps[lr])]
+    best = min(complete, key=lambda lr: (float(np.mean(steps[lr])), lr)) if complete else None
+
+    def closeness(lr):
+        reached = [v for v in steps[lr] if v is not None]
+        return (-len(reached), float(np.mean(reached)) if reached else math.inf,
+                float(np.mean([_lowest_smoothed_loss(r) for r in by_rate[lr]])), lr)
+
+    leaning = best if best is not None else min(rates, key=closeness)
+    edge = None
+    if len(rates) > 1:
+        edge = "up" if leaning == rates[-1] else "down" if leaning == rates[0] else None
+    return RateChoice(best, leaning, edge, steps)
+
+
+class EarlyStop:
+    """The early stop of one group of runs of a grid sweep (design.md, round 2).
+
+    Called as `should_finish(epoch, runs)` after each epoch (`batchjax.train.train_runs`): it
+    notes the runs that have reached the training-loss target (`run_steps_to_target` on the
+    steps trained so far) and returns True at the first epoch at which every run has reached
+    it, diverged, or is hopeless: its steps exceed `stop_factor` times the fewest steps to the
+    target of any run of the batch size so far (this group's, or earlier groups' given as
+    `best_steps`). The epoch budget ends the group in any case. `finish` then records each
+    run's `stopped` and `target`.
+    """
+
+    def __init__(self, target_loss: float, stop_factor: float, best_steps: float = math.inf):
+        self.target_loss, self.stop_factor = float(target_loss), float(stop_factor)
+        self.best_steps = float(best_steps)
+        self.reached: dict[int, tuple[float, float]] = {}
+
+    def _update(self, runs: Sequence[Run]) -> None:
+        for i, run in enumerate(runs):
+            if i in self.reached or not len(run.step_losses):
+                continue
+            hit = critical.steps_to_target(run, train_loss=self.target_loss)
+            if hit is not None and hit[0] > 0:
+                self.reached[i] = hit
+                self.best_steps = min(self.best_steps, hit[0])
+
+    def hopeless(self, run: Run) -> bool:
+        return len(run.step_losses) > self.stop_factor * self.best_steps
+
+    def __call__(self, epoch: int, runs: Sequence[Run]) -> bool:
+        self._update(runs)
+        return all(i in self.reached or run.diverged or self.hopeless(run)
+                   for i, run in enumerate(runs))
+
+    def finish(self, runs: Sequence[Run]) -> None:
+        """Set each run's `stopped` ("target", "diverged", "hopeless", "budget") and `target`,
+        from all the steps it trained: the crossing the analysis will find in the saved run
+        (with the steps after it, the centred average may place it earlier than the epoch
+        end that detected it did)."""
+        self._update(runs)
+        hits = [critical.steps_to_target(run, train_loss=self.target_loss) for run in runs]
+        hits = [hit if hit is not None and hit[0] > 0 else None for hit in hits]
+        self.best_steps = min([self.best_steps] + [hit[0] for hit in hits if hit])
+        for run, hit in zip(runs, hits):
+            run.target = {"train_loss": self.target_loss,
+                          "steps": hit[0] if hit else None,
+                          "examples": hit[1] if hit else None}
+            run.stopped = ("target" if hit else "diverged" if run.diverged
+                           else "hopeless" if self.hopeless(run) else "budget")
+
+
+def check_learning_rates(learning_rates, config: TrainConfig, batch_sizes: Sequence[int],
+                         target_loss: float | None, stop_factor: float):
+    """Validate a sweep's learning-rate grid before any work.
+
+    Returns:
+      None (one learning rate: `config.learning_rate`), {batch_size: sorted rates} (a fixed
+      grid), or the `LearningRateSearch`.
+
+    Raises:
+      BatchjaxError: an empty grid, a rate that is not a finite number > 0, two rates with one
+        name (`{lr:.3g}`), a learning-rate scaling rule with a grid, a target without a grid
+        or a search without a target, or a stop factor <= 1.
+    """
+    if target_loss is not None and not (isinstance(target_loss, (int, float))
+                                        and math.isfinite(target_loss) and target_loss > 0):
+        raise BatchjaxError(f"target_loss must be a finite number > 0, got {target_loss!r}")
+    if not (isinstance(stop_factor, (int, float)) and math.isfinite(stop_factor)
+            and stop_factor > 1):
+        raise BatchjaxError(f"stop_factor must be a number > 1, got {stop_factor!r}")
+    if learning_rates is None:
+        if target_loss is not None:
+            raise BatchjaxError("target_loss stops the runs of a learning-rate grid early; give "
+                                "learning_rates too (a plain sweep trains every epoch and its "
+                                "analysis chooses targets afterwards)")
+        return None
+    if config.lr_scaling != "none":
+        raise BatchjaxError(f"a learning-rate grid gives each batch size its own rates; set "
+                            f"lr_scaling to 'none' (got {config.lr_scaling!r})")
+    if isinstance(learning_rates, LearningRateSearch):
+        if target_loss is None:
+            raise BatchjaxError("an adaptive learning-rate search needs a target_loss (the best "
+                                "rate is the one that reaches it in the fewest steps)")
+        return learning_rates
+    if isinstance(learning_rates, dict):
+        if sorted(learning_rates) != sorted(batch_sizes):
+            raise BatchjaxError(f"learning_rates must give rates for exactly the batch sizes "
+                                f"{abbreviate(batch_sizes)}, got {abbreviate(learning_rates)}")
+        grid = {b: list(v) for b, v in learning_rates.items()}
+    else:
+        grid = {b: list(learning_rates) for b in batch_sizes}
+    for b, rates in grid.items():
+        if not rates:
+            raise BatchjaxError("learning_rates must be a non-empty list, e.g. [1e-3, 3e-3, 1e-2]")
+        for lr in rates:
+            dataclasses.replace(config, learning_rate=lr)  # a finite number > 0
+        names = [f"{float(lr):.3g}" for lr in rates]
+        if len(set(names)) != len(names):
+            raise BatchjaxError(f"learning rates {rates_text(rates)} repeat a rate at 3 "
+                                "significant digits (how runs are named); give distinct rates")
+        grid[b] = sorted(float(lr) for lr in rates)
+    return grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,20 +492,25 @@ def _epoch_text(epoch: int, epochs: int, h: dict[str, float]) -> str:
             f" - val_loss: {h['val_loss']:.4f} - val_accuracy: {h['val_accuracy']:.4f}")
 
 
-def mean_epoch_line(batch_size: int, epoch: int, results: list) -> str:
-    """The Keras-like line of one finished epoch, averaged over the seeds still training."""
+def mean_epoch_line(batch_size: int, epoch: int, results: list, unit: str = "seeds") -> str:
+    """The Keras-like line of one finished epoch, averaged over the runs still training
+    (`unit` names them: "seeds", or "runs" in a learning-rate grid)."""
     active = [r for r in results if len(r.history["epoch"]) == epoch]
     prefix = f"bs {batch_size:>5d} | "
     epochs = results[0].config.epochs
     if not active:
-        return prefix + f"Epoch {epoch}/{epochs} - every seed has diverged"
+        return prefix + f"Epoch {epoch}/{epochs} - every {unit[:-1]} has diverged"
     mean = {k: float(np.mean([r.history[k][-1] for r in active])) for k in results[0].history}
     line = prefix + _epoch_text(epoch, epochs, mean)
     if len(results) > 1:
-        line += f" (mean of {len(active)} seeds)"
+        line += f" (mean of {len(active)} {unit})"
     newly = [r.config.seed for r in results if r.status == "diverged"
              and r.diverged_step is not None and len(r.history["epoch"]) == epoch - 1]
-    if newly:
+    if newly and unit == "runs":
+        rates = [r.config.learning_rate for r in results if r.status == "diverged"
+                 and r.diverged_step is not None and len(r.history["epoch"]) == epoch - 1]
+        line += f" - {len(newly)} run{'s' * (len(newly) > 1)} DIVERGED (lr {rates_text(set(rates))})"
+    elif newly:
         line += f" - seeds {abbreviate(newly)} DIVERGED" if len(newly) > 1 else \
             f" - seed {newly[0]} DIVERGED at step " + str(next(
                 r.diverged_step for r in results if r.config.seed == newly[0]))
@@ -290,15 +576,21 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
               on_phase: Callable[[str], None] | None = None,
               process_index: int = 0, process_count: int = 1,
               barrier: Callable[[str], None] | None = None,
-              broadcast: Callable | None = None) -> SweepResults:
-    """Train every (batch size, seed) of the grid and save each run under `out_dir`.
+              broadcast: Callable | None = None,
+              learning_rates: Sequence[float] | dict | LearningRateSearch | None = None,
+              target_loss: float | None = None,
+              stop_factor: float = STOP_FACTOR) -> SweepResults:
+    """Train every (batch size, seed) of the grid, or every (batch size, learning rate, seed)
+    of a learning-rate grid, and save each run under `out_dir`.
 
     Args:
       out_dir: the sweep directory (created if missing).
-      config: the shared configuration; its `batch_size` and `seed` are replaced per run.
+      config: the shared configuration; its `batch_size` and `seed` (and in a learning-rate
+        grid its `learning_rate`) are replaced per run.
       dataset: a `batchjax.Dataset`.
       batch_sizes: the batch sizes to sweep.
-      seeds: the seeds of every batch size, trained together (vmapped) in groups that fit.
+      seeds: the seeds of every batch size (and rate), trained together (vmapped) in groups
+        that fit.
       model, optimizer, loss_fn: the flax model, optax optimizer and per-example loss
         (defaults: `MLP(config.hidden)`, `config.optimizer`, cross-entropy), used for
         training, the final evaluation and sharpness. Not part of the saved identity: resume
@@ -309,7 +601,7 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
       stream: where progress goes.
       on_epoch_end: optional `on_epoch_end(batch_size, epoch, results)` after each epoch.
       sharpness: how to measure each run's sharpness at its end, or None not to.
-      group_size: most seeds trained together; None: as many as fit in memory.
+      group_size: most runs trained together; None: as many as fit in memory.
       memory_limit: bytes (or "8G") one device may use; default: `batchjax.memory`.
       should_stop: polled at every safe point; True stops the sweep (`Interrupted`).
       segment_seconds: epochs run in scan segments of about this long, so that a stop waits
@@ -322,14 +614,27 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
         directory and writes the manifest and tables; `barrier(name)` (e.g.
         `multihost_utils.sync_global_devices`) orders the processes, `broadcast` (default
         `multihost_utils.broadcast_one_to_all`) tells them whether process 0 could start.
+      learning_rates: None (every run at `config.learning_rate`); a list of rates (the same
+        at every batch size) or {batch_size: rates}: a fixed learning-rate grid, every
+        (rate, seed) of a batch size trained together; or a `LearningRateSearch`: the
+        adaptive grid of the critical-batch-size protocol (batch sizes in ascending order,
+        each grid centred on the best rate of the one before, extended past an edge; one
+        process). Runs are then named with their rate (`results.run_name`), `lr_scaling`
+        must be "none", and the manifest records the grid as it grows (`grid_record`).
+      target_loss: a learning-rate grid's training-loss target, fixed before training: the
+        runs of a group stop at the first epoch end at which each has reached it, diverged
+        or is hopeless (`EarlyStop`), and each records why (`Run.stopped`). None: every run
+        trains `config.epochs` epochs. Required by a `LearningRateSearch`.
+      stop_factor: a run is hopeless once its steps exceed this many times the fewest steps
+        to the target of any run of its batch size.
 
     Returns:
       The sweep as loaded back from disk (after every process has finished).
 
     Raises:
-      BatchjaxError: bad batch sizes, seeds or probe size; a grid that does not fit in
-        memory; a directory in use by another sweep, or holding something else, or another
-        configuration on resume; a write that failed.
+      BatchjaxError: bad batch sizes, seeds, probe size or learning rates; a grid that does
+        not fit in memory; a directory in use by another sweep, or holding something else, or
+        another configuration (or another learning-rate grid) on resume; a write that failed.
       Interrupted: `should_stop()` returned True (every run saved so far is kept).
     """
     out_dir = pathlib.Path(out_dir)
@@ -342,13 +647,38 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
     phase("checking the grid and its memory")
     batch_sizes, seeds = check_grid(config, batch_sizes, seeds)
     check_against_data(config, dataset, batch_sizes)
-    group_sizes, _, _ = check_memory(
-        config, dataset, batch_sizes=batch_sizes, num_runs=len(seeds), model=model,
-        optimizer=optimizer, group_size=group_size, limit=memory_limit,
-        sharpness_iters=sharpness.num_iters if sharpness is not None else 0)
+    grid = check_learning_rates(learning_rates, config, batch_sizes, target_loss, stop_factor)
+    search = grid if isinstance(grid, LearningRateSearch) else None
+    if search is not None and process_count > 1:
+        raise BatchjaxError("an adaptive learning-rate search runs one batch size after another "
+                            "in one process; give a fixed list of learning rates to a "
+                            "multi-process sweep")
+    if grid is None:
+        runs_per_batch = {b: len(seeds) for b in batch_sizes}
+    elif search is not None:
+        runs_per_batch = {b: search.num_rates * len(seeds) for b in batch_sizes}
+    else:
+        runs_per_batch = {b: len(grid[b]) * len(seeds) for b in batch_sizes}
+    group_sizes, estimates, limit = {}, {}, None
+    for count in sorted(set(runs_per_batch.values())):
+        sizes, est, limit = check_memory(
+            config, dataset, batch_sizes=[b for b in batch_sizes if runs_per_batch[b] == count],
+            num_runs=count, model=model, optimizer=optimizer, group_size=group_size,
+            limit=memory_limit,
+            sharpness_iters=sharpness.num_iters if sharpness is not None else 0)
+        group_sizes.update(sizes)
+        estimates.update(est)
+    record = None
+    if grid is not None:
+        record = grid_record(learning_rates={} if search is not None else grid,
+                             target_loss=target_loss, stop_factor=float(stop_factor),
+                             max_epochs=config.epochs,
+                             search=search.to_dict() if search is not None else None,
+                             noise_steps={"none": None}.get(config.noise_schedule,
+                                                            config.noise_schedule))
     asked = sweep_identity(batch_sizes=batch_sizes, seeds=seeds, config=config,
                            sharpness=sharpness.to_dict() if sharpness is not None else None,
-                           dataset=dataset.describe())
+                           dataset=dataset.describe(), grid=record)
     lead = process_index == 0
     lock, saved, error = None, None, None
     if lead:
@@ -366,13 +696,15 @@ def run_sweep(out_dir: str | os.PathLike, config: TrainConfig, dataset, *,
             console.write(f"note: took over the lock of {out_dir} left by process "
                           f"{lock.taken_over.get('pid')} on {lock.taken_over.get('host')}, "
                           "which no longer runs")
-        return _sweep(out_dir, config, dataset, batch_sizes=batch_sizes, seeds=seeds,
-                      model=model, optimizer=optimizer, loss_fn=loss_fn, resume=resume,
-                      saved=saved, asked=asked, group_sizes=group_sizes, command=command,
-                      console=console, on_epoch_end=on_epoch_end, sharpness=sharpness,
-                      stop=stop, phase=phase, segment_seconds=segment_seconds,
-                      process_index=process_index, process_count=process_count,
-                      barrier=barrier)
+        sweeper = _Sweeper(
+            out_dir, config, dataset, batch_sizes=batch_sizes, seeds=seeds, grid=grid,
+            target_loss=target_loss, stop_factor=float(stop_factor), model=model,
+            optimizer=optimizer, loss_fn=loss_fn, resume=resume, saved=saved, asked=asked,
+            group_sizes=group_sizes, estimates=estimates, limit=limit, command=command,
+            console=console, on_epoch_end=on_epoch_end, sharpness=sharpness, stop=stop,
+            phase=phase, segment_seconds=segment_seconds, process_index=process_index,
+            process_count=process_count, barrier=barrier)
+        return sweeper.run()
     finally:
         console.close()
         if lock is not None:
@@ -402,110 +734,311 @@ def _open_out_dir(out_dir: pathlib.Path, asked: dict, resume: bool,
     return lock, saved
 
 
-def _sweep(out_dir, config, dataset, *, batch_sizes, seeds, model, optimizer, loss_fn, resume,
-           saved, asked, group_sizes, command, console, on_epoch_end, sharpness, stop, phase,
-           segment_seconds, process_index, process_count, barrier) -> SweepResults:
-    lead = process_index == 0
-    if not lead:
-        saved = read_json(out_dir / MANIFEST) if resume else None
-    mine = [b for i, b in enumerate(batch_sizes) if i % process_count == process_index]
-    groups = {}
-    for b in mine:
-        base = dataclasses.replace(config, batch_size=b, seed=seeds[0])
-        done = _completed_seeds(out_dir, base, seeds) if saved is not None else []
-        missing = [s for s in seeds if s not in set(done)]
-        if missing:
-            groups[b] = split_groups(missing, group_sizes[b])
-    session = {**collect_provenance(command), "started": _now(), "finished": None,
-               "trained": [run_name(b, s) for b, gs in groups.items() for g in gs for s in g],
-               "group_sizes": {str(b): group_sizes[b] for b in groups}}
-    manifest = saved or {"kind": "batchjax-sweep", "schema": SCHEMA_VERSION, **asked,
-                         "started": session["started"], "finished": None, "sessions": []}
-    manifest["schema"] = SCHEMA_VERSION
-    manifest["sessions"] = list(manifest.get("sessions", [])) + [session]
-    manifest["finished"] = None
-    if lead:
-        write_json_atomic(out_dir / MANIFEST, manifest)
+class _Sweeper:
+    """One `run_sweep` call after the checks: trains the missing runs, batch size by batch
+    size, group by group, and keeps the manifest (and the grid it records) up to date."""
 
-    console.bar.reset(total=sum(config.epochs * len(gs) for gs in groups.values()))
-    skipped = [b for b in mine if b not in groups]
-    if skipped:
-        console.write(f"resume: batch sizes {abbreviate(skipped)} already complete for every "
-                      "seed; skipped")
-    model = model if model is not None else MLP(config.hidden, dataset.num_classes)
-    noise_on = config.noise_schedule != "none"
-    for b, group_list in groups.items():
-        if len(group_list) > 1:
-            console.write(f"bs {b:>5d} | {sum(map(len, group_list)):,} seeds do not fit in "
-                          f"memory together: {describe_groups(group_list)}")
-        for g, group in enumerate(group_list):
-            _check(stop)
-            configs = [dataclasses.replace(config, batch_size=b, seed=s) for s in group]
-            names = [run_name(b, s) for s in group]
-            for c, name in zip(configs, names):
-                write_json_atomic(out_dir / name / CONFIG, c.to_dict())
-            where = f" (group {g + 1}/{len(group_list)})" if len(group_list) > 1 else ""
-            console.write(f"bs {b:>5d} | training seeds {abbreviate(group)}{where} "
-                          f"({dataset.name}, {dataset.num_train:,} examples, "
-                          f"{-(-dataset.num_train // b):,} steps per epoch)")
-            training = f"compiling or training batch size {b}, seeds {abbreviate(group)}"
-            measure = None
-            if noise_on:
-                # Keyed by seed, not by position in the group, so a resumed sweep that trains
-                # only some seeds measures what an uninterrupted one would.
-                measure_noise = make_measure(dataset, configs[0], batch_sizes=batch_sizes,
-                                             seeds=group, model=model, loss_fn=loss_fn)
+    def __init__(self, out_dir, config, dataset, *, batch_sizes, seeds, grid, target_loss,
+                 stop_factor, model, optimizer, loss_fn, resume, saved, asked, group_sizes,
+                 estimates, limit, command, console, on_epoch_end, sharpness, stop, phase,
+                 segment_seconds, process_index, process_count, barrier):
+        self.out_dir, self.config, self.dataset = out_dir, config, dataset
+        self.batch_sizes, self.seeds, self.grid = batch_sizes, seeds, grid
+        self.search = grid if isinstance(grid, LearningRateSearch) else None
+        self.target_loss, self.stop_factor = target_loss, stop_factor
+        self.model = model if model is not None else MLP(config.hidden, dataset.num_classes)
+        self.optimizer, self.loss_fn = optimizer, loss_fn
+        self.group_sizes, self.estimates, self.limit = group_sizes, estimates, limit
+        self.console, self.on_epoch_end, self.sharpness = console, on_epoch_end, sharpness
+        self.stop, self.phase, self.segment_seconds = stop, phase, segment_seconds
+        self.process_index, self.process_count, self.barrier = (process_index, process_count,
+                                                                 barrier)
+        self.lead = process_index == 0
+        if not self.lead:
+            saved = read_json(out_dir / MANIFEST) if resume else None
+        self.resumed = saved is not None
+        self.mine = [b for i, b in enumerate(batch_sizes) if i % process_count == process_index]
+        self.session = {**collect_provenance(command), "started": _now(), "finished": None,
+                        "trained": [],
+                        "group_sizes": {str(b): group_sizes[b] for b in self.mine}}
+        manifest = saved or {"kind": "batchjax-sweep", "schema": SCHEMA_VERSION, **asked,
+                             "started": self.session["started"], "finished": None,
+                             "sessions": []}
+        manifest["schema"] = SCHEMA_VERSION
+        manifest["sessions"] = list(manifest.get("sessions", [])) + [self.session]
+        manifest["finished"] = None
+        manifest.setdefault("grid", asked.get("grid"))
+        self.manifest = manifest
 
-                def measure(params_list, step, examples_seen, b=b, training=training,
-                            measure_noise=measure_noise):
-                    phase(f"measuring the gradient noise of batch size {b} at step {step}")
-                    records = measure_noise(params_list, step, examples_seen)
-                    phase(training)
-                    return records
+    # ---------------------------------------------------------------------------------- names
 
-            def epoch_done(epoch, results, b=b):
-                console.update(1)
-                console.write(mean_epoch_line(b, epoch, results))
-                if on_epoch_end is not None:
-                    on_epoch_end(b, epoch, results)
-                _check(stop)
+    def name(self, batch_size: int, learning_rate: float | None, seed: int) -> str:
+        return run_name(batch_size, seed, learning_rate if self.grid is not None else None)
 
-            phase(training)
-            results = train_runs(configs, dataset, model=model, optimizer=optimizer,
-                                 loss_fn=loss_fn, measure=measure, on_epoch_end=epoch_done,
-                                 should_stop=stop, segment_seconds=segment_seconds)
-            left = config.epochs - max(len(r.history["epoch"]) for r in results)
-            console.update(left)  # every seed diverged early: the bar still ends at its total
+    def run_config(self, batch_size: int, learning_rate: float | None, seed: int) -> TrainConfig:
+        changes = {"batch_size": batch_size, "seed": seed}
+        if learning_rate is not None:
+            changes["learning_rate"] = learning_rate
+        return dataclasses.replace(self.config, **changes)
+
+    def write_manifest(self) -> None:
+        if self.lead:
+            write_json_atomic(self.out_dir / MANIFEST, self.manifest)
+
+    # ---------------------------------------------------------------------------------- sweep
+
+    def run(self) -> SweepResults:
+        self.write_manifest()
+        if self.grid is None:
+            self.plain()
+        elif self.search is None:
+            self.fixed_grid()
+        else:
+            self.adaptive_grid()
+        if self.process_count > 1:
+            self.barrier("batchjax-sweep-end")  # every process has written its runs
+        results = None
+        if self.lead:
+            self.phase("writing the tables")
+            results = load_sweep(self.out_dir)
+            write_tables(self.out_dir, results.runs)
+            self.session["finished"] = self.manifest["finished"] = _now()
+            if self.process_count > 1:
+                self.session["processes"] = self.process_count
+                self.session["trained"] = [n for b in self.batch_sizes
+                                           for n in self.expected(b, self.rates_of(b))]
+            self.write_manifest()
+            results = dataclasses.replace(results, manifest=self.manifest)
+        if self.process_count > 1:
+            self.barrier("batchjax-sweep-manifest")
+        return results if results is not None else load_sweep(self.out_dir)
+
+    def rates_of(self, batch_size: int) -> list[float | None]:
+        if self.grid is None:
+            return [None]
+        return [float(v) for v in self.manifest["grid"]["learning_rates"].get(
+            str(batch_size), [])]
+
+    def expected(self, batch_size: int, rates: Sequence[float | None]) -> dict[str, tuple]:
+        """{name: (learning rate, seed)} of every run of `rates` x seeds at `batch_size`."""
+        return {self.name(batch_size, lr, s): (lr, s) for lr in rates for s in self.seeds}
+
+    def completed(self, batch_size: int, rates: Sequence[float | None]) -> dict[str, Run]:
+        if not self.resumed:
+            return {}
+        expected = self.expected(batch_size, rates)
+        return _completed_runs(self.out_dir, {n: self.run_config(batch_size, *spec)
+                                              for n, spec in expected.items()})
+
+    def plain(self) -> None:
+        todo = {}
+        for b in self.mine:
+            done = self.completed(b, [None])
+            missing = [spec for n, spec in self.expected(b, [None]).items() if n not in done]
+            if missing:
+                todo[b] = missing
+        skipped = [b for b in self.mine if b not in todo]
+        if skipped:
+            self.console.write(f"resume: batch sizes {abbreviate(skipped)} already complete "
+                               "for every seed; skipped")
+        for b, missing in todo.items():
+            self.train(b, missing, {})
+
+    def fixed_grid(self) -> None:
+        for b in self.mine:
+            rates = self.rates_of(b)
+            done = self.completed(b, rates)
+            missing = [spec for n, spec in self.expected(b, rates).items() if n not in done]
+            if not missing:
+                self.console.write(f"resume: batch size {b} already complete for every "
+                                   "learning rate and seed; skipped")
+            runs = list(done.values()) + (self.train(b, missing, done) if missing else [])
+            if self.target_loss is not None:
+                choice = choose_learning_rate(runs, self.target_loss)
+                self.record_choice(b, choice, rates, extensible=False)
+
+    def adaptive_grid(self) -> None:
+        search, previous = self.search, None
+        grid = self.manifest["grid"]
+        for b in self.batch_sizes:
+            rates = self.rates_of(b)
+            if not rates:
+                guess = search.guess(b, previous)
+                rates = search.rates_around(guess)
+                grid["learning_rates"][str(b)] = rates
+                self.write_manifest()
+                self.console.write(f"bs {b:>5d} | learning rates {rates_text(rates)} around "
+                                   f"{guess:.3g}" + (f" (the best at {previous[0]}, "
+                                                     f"{previous[1]:.3g}, scaled)"
+                                                     if previous else " (the search's centre)"))
+            runs = list(self.completed(b, rates).values())
+            while True:
+                names = {r.path.name for r in runs if r.path is not None}
+                missing = [spec for n, spec in self.expected(b, rates).items()
+                           if n not in names]
+                if missing:
+                    done = {r.path.name: r for r in runs if r.path is not None}
+                    runs += self.train(b, missing, done)
+                choice = choose_learning_rate(runs, self.target_loss)
+                extended = grid["extended"].get(str(b), [])
+                if choice.edge is None or extended.count(choice.edge) >= search.max_extensions:
+                    break
+                new = search.extend(rates, choice.edge)
+                self.console.write(f"bs {b:>5d} | the best rate so far ({choice.leaning:.3g}) "
+                                   f"is the {'largest' if choice.edge == 'up' else 'smallest'} "
+                                   f"of the grid: extending it by {rates_text(new)}")
+                rates = sorted(rates + new)
+                grid["extended"][str(b)] = extended + [choice.edge]
+                grid["learning_rates"][str(b)] = rates
+                self.write_manifest()
+            self.record_choice(b, choice, rates, extensible=True)
+            previous = (b, choice.leaning)
+
+    def record_choice(self, batch_size: int, choice: RateChoice, rates: Sequence[float],
+                      extensible: bool) -> None:
+        """The provisional best rate into the manifest and onto the console."""
+        grid, key = self.manifest["grid"], str(batch_size)
+        grid["best"][key] = choice.best
+        reason = None
+        if choice.best is None:
+            reason = "no learning rate brought every seed to the target"
+        elif choice.edge is not None:
+            reason = (f"the best rate is the {'largest' if choice.edge == 'up' else 'smallest'} "
+                      "of the grid" + (" after its extensions" if extensible else
+                                       " (a fixed grid is not extended)"))
+        if reason is None:
+            grid["unreliable"].pop(key, None)
+        else:
+            grid["unreliable"][key] = reason
+        self.write_manifest()
+        b = batch_size
+        for lr, steps in choice.steps.items():
+            reached = [v for v in steps if v is not None]
+            text = (f"{np.mean(reached):,.0f} steps to the target (mean of {len(reached)})"
+                    if reached else "target not reached")
+            self.console.write(f"bs {b:>5d} | lr {lr:.3g}: {text}; {len(reached)}/{len(steps)} "
+                               "seeds reached it" + (" <- best" if lr == choice.best else ""))
+        if reason is not None:
+            self.console.write(f"bs {b:>5d} | unreliable: {reason}")
+
+    # ------------------------------------------------------------------------------ training
+
+    def best_steps(self, runs) -> float:
+        if self.target_loss is None:
+            return math.inf
+        steps = [run_steps_to_target(r, self.target_loss) for r in runs]
+        return min([v for v in steps if v is not None], default=math.inf)
+
+    def train(self, b: int, specs: list[tuple], done: dict[str, Run]) -> list[Run]:
+        """Train the (learning rate, seed) pairs `specs` at batch size `b`, in groups that fit;
+        save each run at once. `done`: the runs of `b` saved before (for the early stop).
+        Returns the runs trained (without their parameters)."""
+        groups = split_groups(specs, self.group_sizes[b])
+        rates = sorted({lr for lr, _ in specs if lr is not None})
+        if len(groups) > 1:
+            what = (f"{len(specs):,} runs ({len(rates)} learning rates x seeds)" if rates
+                    else f"{len(specs):,} seeds")
+            self.console.write(
+                f"bs {b:>5d} | {what} do not fit in memory together (an estimated "
+                f"{self.estimates[b].text(len(specs), len(jax.local_devices()))}; limit "
+                f"{format_bytes(self.limit[0])}, {self.limit[1]}): {len(groups)} groups of up "
+                f"to {max(map(len, groups)):,} runs" if rates else
+                f"bs {b:>5d} | {what} do not fit in memory together: "
+                f"{describe_groups([[s for _, s in g] for g in groups])}")
+        trained, earlier = [], list(done.values())
+        for g, group in enumerate(groups):
+            where = f" (group {g + 1}/{len(groups)})" if len(groups) > 1 else ""
+            runs = self.train_group(b, group, where, self.best_steps(earlier + trained))
+            trained.extend(runs)
+        return trained
+
+    def train_group(self, b: int, group: list[tuple], where: str, best_steps: float) -> list[Run]:
+        config, dataset = self.config, self.dataset
+        configs = [self.run_config(b, lr, s) for lr, s in group]
+        names = [self.name(b, lr, s) for lr, s in group]
+        for c, name in zip(configs, names):
+            write_json_atomic(self.out_dir / name / CONFIG, c.to_dict())
+        self.session["trained"].extend(names)
+        self.write_manifest()
+        seeds = [s for _, s in group]
+        rates = sorted({lr for lr, _ in group if lr is not None})
+        what = (f"learning rates {rates_text(rates)} x seeds {abbreviate(sorted(set(seeds)))} "
+                f"({len(group)} runs)" if rates else f"seeds {abbreviate(seeds)}")
+        self.console.write(f"bs {b:>5d} | training {what}{where} ({dataset.name}, "
+                           f"{dataset.num_train:,} examples, {-(-dataset.num_train // b):,} "
+                           "steps per epoch)")
+        self.console.bar.total = (self.console.bar.total or 0) + config.epochs
+        self.console.bar.refresh()
+        training = f"compiling or training batch size {b}, {what}"
+        measure = None
+        if config.noise_schedule != "none":
+            # Keyed by seed, not by position in the group, so a resumed sweep that trains
+            # only some runs measures what an uninterrupted one would.
+            fewer = {"empirical_batches": GRID_EMPIRICAL_BATCHES} if rates else {}
+            measure_noise = make_measure(dataset, configs[0], batch_sizes=self.batch_sizes,
+                                         seeds=seeds, model=self.model, loss_fn=self.loss_fn,
+                                         **fewer)
+
+            def measure(params_list, step, examples_seen):
+                self.phase(f"measuring the gradient noise of batch size {b} at step {step}")
+                records = measure_noise(params_list, step, examples_seen)
+                self.phase(training)
+                return records
+
+        early = (EarlyStop(self.target_loss, self.stop_factor, best_steps)
+                 if self.target_loss is not None else None)
+        unit = "runs" if rates else "seeds"
+
+        def epoch_done(epoch, results):
+            self.console.update(1)
+            line = mean_epoch_line(b, epoch, results, unit=unit)
+            if early is not None:
+                early._update(results)
+                line += f" - {len(early.reached)}/{len(results)} reached the target"
+            self.console.write(line)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(b, epoch, results)
+            _check(self.stop)
+
+        # Grid runs are measured at the log-spaced steps alone: every run of a grid is
+        # measured, and epoch ends would add a record per run and epoch (at large B, where
+        # epochs are a few steps, most of the time of the sweep).
+        steps = (measurement_steps(configs[0], -(-dataset.num_train // b), epoch_ends=False)
+                 if rates else None)
+        self.phase(training)
+        results = train_runs(configs, dataset, model=self.model, optimizer=self.optimizer,
+                             loss_fn=self.loss_fn, measure=measure, on_epoch_end=epoch_done,
+                             should_stop=self.stop, segment_seconds=self.segment_seconds,
+                             should_finish=early, measure_steps=steps)
+        epochs = max(len(r.history["epoch"]) for r in results)
+        self.console.update(config.epochs - epochs)  # stopped early: the bar still ends
+        if early is not None:
+            early.finish(results)
+            if epochs < config.epochs:
+                self.console.write(f"bs {b:>5d} | stopped after epoch {epochs}: every run has "
+                                   "reached the target, diverged or is hopeless")
+        elif rates:
             for run in results:
-                run.trained_with = list(names)
-                _check(stop)
-                phase(f"final evaluation and sharpness of {run_name(b, run.seed)}")
-                run.final_train = evaluate_final_train(run, dataset, model=model, loss_fn=loss_fn)
-                if sharpness is not None:
-                    run.sharpness = measure_final_sharpness(run, dataset, sharpness, model=model,
-                                                            loss_fn=loss_fn)
-                write_run(out_dir, run)
-                if run.sharpness is not None:
-                    console.write(_sharpness_line(b, run.seed, run.sharpness))
-                if run.status == "diverged":
-                    console.write(f"bs {b:>5d} | seed {run.seed} diverged at step "
-                                  f"{run.diverged_step}; saved with status 'diverged'")
-                run.params = None  # keep memory bounded over many groups
-    if process_count > 1:
-        barrier("batchjax-sweep-end")  # every process has written its runs
-    results = None
-    if lead:
-        phase("writing the tables")
-        results = load_sweep(out_dir)
-        write_tables(out_dir, results.runs)
-        session["finished"] = manifest["finished"] = _now()
-        if process_count > 1:
-            session["processes"] = process_count
-            session["trained"] = [run_name(b, s) for b in batch_sizes for s in seeds]
-        write_json_atomic(out_dir / MANIFEST, manifest)
-    if process_count > 1:
-        barrier("batchjax-sweep-manifest")
-    return results if results is not None else load_sweep(out_dir)
+                run.stopped = "diverged" if run.diverged else "budget"
+        for run, name in zip(results, names):
+            run.trained_with = list(names)
+            _check(self.stop)
+            self.phase(f"final evaluation and sharpness of {name}")
+            run.final_train = evaluate_final_train(run, dataset, model=self.model,
+                                                   loss_fn=self.loss_fn)
+            if self.sharpness is not None:
+                run.sharpness = measure_final_sharpness(run, dataset, self.sharpness,
+                                                        model=self.model, loss_fn=self.loss_fn)
+            write_run(self.out_dir, run, name)
+            if run.sharpness is not None:
+                self.console.write(_sharpness_line(b, run.seed, run.sharpness))
+            if run.status == "diverged":
+                self.console.write(f"bs {b:>5d} | {name} diverged at step {run.diverged_step}; "
+                                   "saved with status 'diverged'" if rates else
+                                   f"bs {b:>5d} | seed {run.seed} diverged at step "
+                                   f"{run.diverged_step}; saved with status 'diverged'")
+            run.params = None  # keep memory bounded over many groups
+        return results
 
 
 def _check(stop: Callable[[], bool]) -> None:

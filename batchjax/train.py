@@ -78,17 +78,21 @@ class Interrupted(KeyboardInterrupt):
     """Training stopped because `should_stop()` returned True; nothing was returned."""
 
 
-def measurement_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:
+def measurement_steps(config: TrainConfig, steps_per_epoch: int,
+                      epoch_ends: bool = True) -> list[int]:
     """Global steps after which the noise statistics are measured (0: before the first step).
 
     "epoch": 0 and every epoch end. "log": 0, `noise_points` steps log-spaced between 1 and the
     last step (rounded, duplicates merged), and every epoch end, so per-epoch records exist
-    under either schedule. "none": no measurements.
+    under either schedule; with `epoch_ends` False the log-spaced steps alone (what grid
+    sweeps measure, `batchjax.sweep`). "none": no measurements.
     """
     total = config.epochs * steps_per_epoch
     if config.noise_schedule == "none":
         return []
-    steps = {0, *(e * steps_per_epoch for e in range(1, config.epochs + 1))}
+    steps = {0}
+    if config.noise_schedule == "epoch" or epoch_ends:
+        steps |= {e * steps_per_epoch for e in range(1, config.epochs + 1)}
     if config.noise_schedule == "log":
         steps |= {int(round(s)) for s in np.geomspace(1, total, config.noise_points)}
     return sorted(steps)
@@ -144,9 +148,12 @@ class _Program:
             "init": jax.jit(vmap(init, in_axes=(0, 0)), out_shardings=self.run_sharding),
             "epoch": jax.jit(vmap(run_epoch, in_axes=(0, None, None, 0, None)),
                              donate_argnums=0, compiler_options=options),
-            "start": jax.jit(vmap(start, in_axes=(0, None))),
+            # Placed like the runs, so that a segment's inputs (the start's buffers, or the
+            # previous segment's) always have the sharding it was compiled for.
+            "start": jax.jit(vmap(start, in_axes=(0, None)), out_shardings=self.run_sharding),
             "segment": jax.jit(vmap(segment, in_axes=(0, 0, None, None, 0, None, None)),
-                               donate_argnums=(0, 1), compiler_options=options),
+                               donate_argnums=(0, 1), compiler_options=options,
+                               out_shardings=self.run_sharding),
             "unstack": jax.jit(lambda tree: [jax.tree.map(lambda a, i=i: a[i], tree)
                                              for i in range(num_runs)]),
         }
@@ -240,8 +247,11 @@ def check_configs(configs: Sequence[TrainConfig], *, optimizer=None) -> list[Tra
     return configs
 
 
-def _run_name(config: TrainConfig) -> str:
-    # Shim: the directory name of `batchjax.results.run_name`, until run.py names runs.
+def _run_name(config: TrainConfig, with_learning_rate: bool = False) -> str:
+    # Shim: the directory name of `batchjax.results.run_name` (which comes after this module),
+    # naming the learning rate when the runs of one call differ in it, as grid sweeps do.
+    if with_learning_rate:
+        return f"bs{config.batch_size:05d}_lr{config.learning_rate:.3g}_seed{config.seed}"
     return f"bs{config.batch_size:05d}_seed{config.seed}"
 
 
@@ -254,7 +264,7 @@ class _Session:
     """One `train_runs` call: the state of its runs on the device and their `Run`s so far."""
 
     def __init__(self, program: _Program, configs: list[TrainConfig], dataset, measure,
-                 should_stop, segment_seconds):
+                 should_stop, segment_seconds, measure_steps=None):
         self.program, self.configs, self.measure = program, configs, measure
         self.should_stop, self.segment_seconds = should_stop, segment_seconds
         config = configs[0]
@@ -262,12 +272,17 @@ class _Session:
         self.batch_sizes = epoch_batch_sizes(self.num_train, self.batch_size)
         self.steps_per_epoch = len(self.batch_sizes)
         self.compile_seconds_before = program.compile_seconds
-        names = [_run_name(c) for c in configs]
+        grid = len({c.learning_rate for c in configs}) > 1
+        names = [_run_name(c, grid) for c in configs]
         self.runs = [Run(config=c, dataset=dataset.describe(), trained_with=names)
                      for c in configs]
         self.active = list(range(len(configs)))
-        self.schedule = (measurement_steps(config, self.steps_per_epoch)
-                         if measure is not None else [])
+        if measure is None:
+            self.schedule = []
+        elif measure_steps is not None:
+            self.schedule = sorted({int(v) for v in measure_steps})
+        else:
+            self.schedule = measurement_steps(config, self.steps_per_epoch)
         self.x_train, self.y_train, self.x_val, self.y_val = _device_data(
             dataset, program.replicated)
         key_data = np.stack([jax.random.key_data(rng.root_key(c.seed)) for c in configs])
@@ -413,7 +428,9 @@ def train_runs(configs: Sequence[TrainConfig], dataset, *, model: nn.Module | No
                on_epoch_end: Callable[[int, list[Run]], None] | None = None,
                measure: Callable | None | str = "default",
                should_stop: Callable[[], bool] | None = None,
-               segment_seconds: float | None = None) -> list[Run]:
+               segment_seconds: float | None = None,
+               should_finish: Callable[[int, list[Run]], bool] | None = None,
+               measure_steps: Sequence[int] | None = None) -> list[Run]:
     """Train the runs of `configs` on `dataset` together: one jitted program, `jax.vmap`ped.
 
     The configs may differ in their seeds and in the traced hyperparameters (learning_rate,
@@ -443,6 +460,12 @@ def train_runs(configs: Sequence[TrainConfig], dataset, *, model: nn.Module | No
       segment_seconds: cut each epoch into segments of about this many seconds (from the
         measured step time), so that `should_stop` is heard within one segment. The numbers
         are those of whole-epoch scans.
+      should_finish: called as `should_finish(epoch, runs)` after each epoch (1-based, after
+        `on_epoch_end` and the epoch's measurement); when it returns True, training ends
+        there and the runs are returned with the epochs trained so far (an early stop, e.g.
+        once every run reached a target; `batchjax.sweep`).
+      measure_steps: the global steps after which `measure` runs (0: before the first step);
+        default `measurement_steps(config, steps per epoch)`.
 
     Returns:
       One `Run` per config, in order.
@@ -471,7 +494,8 @@ def train_runs(configs: Sequence[TrainConfig], dataset, *, model: nn.Module | No
     program = _program(model, config.optimizer if optimizer is None else optimizer, loss_fn,
                        image_shape, dataset.num_train, config.batch_size, config.unroll,
                        len(configs), devices)
-    session = _Session(program, configs, dataset, measure, should_stop, segment_seconds)
+    session = _Session(program, configs, dataset, measure, should_stop, segment_seconds,
+                       measure_steps)
 
     session.record_noise(0)
     for epoch in range(config.epochs):
@@ -485,7 +509,8 @@ def train_runs(configs: Sequence[TrainConfig], dataset, *, model: nn.Module | No
         session.record_noise((epoch + 1) * session.steps_per_epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, session.runs)
-        if not session.active:
+        if not session.active or (should_finish is not None
+                                  and should_finish(epoch + 1, session.runs)):
             break
     return session.finish()
 
@@ -496,7 +521,7 @@ def train_seeds(config: TrainConfig, dataset, seeds: Sequence[int], **kwargs) ->
     Each seed's numbers equal those of `train(dataclasses.replace(config, seed=s), dataset)`
     up to float rounding of the batched matmuls. Keywords as for `train_runs` (model,
     optimizer, loss_fn, verbose, devices, on_epoch_end, measure, should_stop,
-    segment_seconds). Returns one `Run` per seed, in the order of `seeds`.
+    segment_seconds, should_finish, measure_steps). Returns one `Run` per seed, in the order of `seeds`.
     """
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):

@@ -18,6 +18,9 @@ Rows:
               --rounds) and a `torch.func` vmap of per-example gradients (one process), at the
               same parameters on the same examples (benchmarks/peers/backpack_noise.py, in the
               torch venv with backpack-for-pytorch installed)
+  grid        a learning-rate grid of 6 rates x 3 seeds vmapped in one jitted epoch, against one
+              run's epoch in the same process, on 1 CPU device and on one per core (median of
+              --rounds processes of the ratio)
   second call a second `train()` of one epoch at the largest B with a new learning rate and seed,
               after a first in the same process: its wall time over its epoch (nothing
               compiles again); the median of --rounds processes
@@ -170,8 +173,38 @@ def worker_second_call(batch_size, num_train):
             "ratio": wall / epoch, "compile_s": run.compile_seconds}
 
 
+def worker_grid(batch_size, rates, seeds, repeats, num_train, cpu_devices=1):
+    """A learning-rate grid of `rates` x `seeds` in one jitted program (`train_runs`) against
+    one run, in the same process: each one's median epoch (train + validation) and the ratio
+    (the issue's goal for 6 x 3: at most 8x, not 18x). With `cpu_devices` > 1 the grid is
+    sharded over that many CPU devices (the one run uses one)."""
+    import dataclasses
+    import jax
+    if cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    from batchjax import TrainConfig
+    from batchjax.train import train_runs
+    data = _synthetic(num_train)
+    base = TrainConfig(batch_size=batch_size, epochs=repeats, noise_schedule="none")
+
+    def median_epoch(configs):
+        h = train_runs(configs, data)[0].history
+        return statistics.median(t + e for t, e in zip(h["train_seconds"], h["eval_seconds"]))
+
+    one = median_epoch([base])
+    grid = [dataclasses.replace(base, learning_rate=1e-3 * 2.0 ** (k - rates // 2), seed=s,
+                                epochs=max(2, repeats // 2))
+            for k in range(rates) for s in range(seeds)]
+    together = median_epoch(grid)
+    return {"one_epoch_s": one, "grid_epoch_s": together, "ratio": together / one,
+            "runs": len(grid), "devices": len(jax.devices())}
+
+
 WORKERS = {"scan": worker_scan, "loop": worker_loop, "noise": worker_noise,
-           "noise_params": worker_noise_params, "second_call": worker_second_call}
+           "noise_params": worker_noise_params, "second_call": worker_second_call,
+           "grid": worker_grid}
+# The learning-rate grid rows: rates x seeds trained in one program (issue #15).
+GRID_RATES, GRID_SEEDS = 6, 3
 # (row name, method, elementwise) of the gradient-statistics rows.
 NOISE_ROWS = (("dense", "dense", 1), ("dense-traces", "dense", 0), ("vmap", "vmap", 1))
 NOISE_LABELS = {"dense": "dense, with per-parameter variances",
@@ -311,6 +344,8 @@ def main(argv=None):
                          "path); the median one is reported")
     ap.add_argument("--no-sweep", action="store_true",
                     help="skip the default sweep end to end (about 3 minutes)")
+    ap.add_argument("--no-grid", action="store_true",
+                    help="skip the learning-rate grid rows (6 rates x 3 seeds against one run)")
     ap.add_argument("--quick", action="store_true", help="2 repeats, 1 round, no peers, no sweep")
     ap.add_argument("--json", default="bench.json", help="output JSON path")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -374,6 +409,14 @@ def main(argv=None):
                     rows[f"seeds{s}x{cores}dev/{b}"] = median_run(
                         [run_worker("scan", b, s, epochs, n, cores) for _ in range(args.rounds)],
                         "per_seed_epoch_s")
+    for b in [] if args.no_grid else batch_sizes:
+        cores = os.cpu_count() or 1
+        for devices in sorted({1, cores}):
+            log(f"batch size {b}: a grid of {GRID_RATES} rates x {GRID_SEEDS} seeds on "
+                f"{devices} device(s) x{args.rounds} ...")
+            rows[f"grid{devices}dev/{b}"] = median_run(
+                [run_worker("grid", b, GRID_RATES, GRID_SEEDS, args.repeats, n, devices)
+                 for _ in range(args.rounds)], "ratio")
     b = max(batch_sizes)
     log(f"a second train() call at B = {b} x{args.rounds} ...")
     rows[f"second_call/{b}"] = median_run(
@@ -458,6 +501,7 @@ def render(rows, batch_sizes, seed_counts, meta):
         best = min((v for v in vals[1:] if v), default=None)
         speedup = f"{vals[0] / best:.2f}x" if vals[0] and best else "-"
         lines.append(f"| {b} | " + " | ".join(fmt(v) for v in vals) + f" | {speedup} |")
+    lines += render_grid(rows, batch_sizes, cores)
     epoch = get(f"scan/{max(batch_sizes)}")
     lines += ["", "## Gradient statistics over all training examples", "",
               f"| path | seconds | examples/s | x one B = {max(batch_sizes)} epoch | peak MiB |",
@@ -484,6 +528,27 @@ def render(rows, batch_sizes, seed_counts, meta):
     if errors:
         lines += ["", "Failed measurements:", *errors]
     return "\n".join(lines)
+
+
+def render_grid(rows, batch_sizes, cores):
+    """The learning-rate grid rows: one run's epoch and the grid's, measured in one process."""
+    devices = sorted({1, cores})
+    if not any(f"grid{d}dev/{b}" in rows for d in devices for b in batch_sizes):
+        return []
+    head = "| B | " + " | ".join(f"one run, grid, grid / one run ({d} CPU device{'s' * (d > 1)})"
+                                 for d in devices) + " |"
+    lines = ["", f"## Learning-rate grid: {GRID_RATES} rates x {GRID_SEEDS} seeds in one "
+             f"program against one run (epoch seconds, the same process; goal <= 8x, "
+             f"separate runs {GRID_RATES * GRID_SEEDS}x)", "", head,
+             "|---|" + "---|" * len(devices)]
+    for b in batch_sizes:
+        cells = []
+        for d in devices:
+            r = rows.get(f"grid{d}dev/{b}", {})
+            cells.append(f"{fmt(r.get('one_epoch_s'))}, {fmt(r.get('grid_epoch_s'))}, "
+                         f"{r['ratio']:.1f}x" if "ratio" in r else "-")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render_noise_peers(rows):

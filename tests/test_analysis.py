@@ -546,3 +546,10 @@ def test_noise_moments_hold_what_figure_4_draws():
     assert at.empirical_mean == pytest.approx(np.mean([e["mean"] for e in emp]))
     assert at.empirical_se == pytest.approx(math.hypot(*[e["stderr"] for e in emp]) / 2)
     assert at.trace == pytest.approx(44.0) and at.probe_size == 512  # 40 (1 + 0.1 k), k = 1
+
+
+def test_an_ordinary_sweep_is_not_a_grid():
+    results = fake_sweep()
+    a = analyse(results)
+    assert not analysis.is_grid_sweep(results) and a.grid is None and a.critical is not None
+    assert len(a.claims) == 5

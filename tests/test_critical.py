@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from batchjax import BatchjaxError, TrainConfig, TrainResult
+from batchjax.critical import fit_line as critical_fit_line
 from batchjax.critical import (fit_critical_batch, regimes, smooth_step_losses, steps_to_target,
                                steps_to_target_table)
 from batchjax.run import Run
@@ -178,3 +179,12 @@ def test_train_results_and_tables():
     # A loss target needs no history when every step's batch size is known.
     assert steps_to_target(run(step_losses=[2.0, 1.0, 0.5], step_batch_sizes=[4, 4, 4]),
                            train_loss=1.0, window_examples=1) == (1.0, 4.0)
+
+
+def test_fit_line_is_the_fit_without_checks():
+    # The bootstraps' inner step: the same weighted line as `fit_critical_batch`.
+    rng = np.random.default_rng(5)
+    steps = model_steps(BATCH_SIZES) * np.exp(0.05 * rng.normal(size=BATCH_SIZES.size))
+    fit = fit_critical_batch(BATCH_SIZES, steps)
+    assert critical_fit_line(BATCH_SIZES, steps) == (pytest.approx(fit.s_min),
+                                                     pytest.approx(fit.e_min))

@@ -295,3 +295,98 @@ def test_one_palette():
                  "#CC79A7"}
     assert set(plots.PALETTE) == okabe_ito and set(plots.REGIME_COLOURS.values()) <= okabe_ito
     assert {plots.TRAIN_COLOR, plots.VAL_COLOR} <= okabe_ito
+
+
+# --------------------------------------------------------------------------------------------
+# The learning-rate grid (issue #15): constructed in tests/test_critical_lr.py
+
+GRID_FIGURES = [plots.figure_lr_steps_to_target, plots.figure_best_lr,
+                plots.figure_b_simple_over_training]
+
+
+def test_make_figures_on_a_grid_sweep_draws_the_grid_figures(tmp_path):
+    from test_critical_lr import grid_sweep
+    results = grid_sweep(batch_sizes=(4, 8, 32, 128, 1024))
+    paths, notes = plots.make_figures(results, tmp_path)
+    assert notes == []
+    names = ["lr_steps_to_target", "best_lr", "b_simple_over_training"]
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{e}" for n in names
+                                                   for e in ("pdf", "png"))
+    assert_figure_files(tmp_path, names)
+    _, notes = plots.make_figures(grid_sweep(batch_sizes=(8, 32, 128), noise=False),
+                                  tmp_path / "quiet")
+    assert notes == ["figure b_simple_over_training skipped: no gradient-noise records"]
+
+
+@pytest.mark.parametrize("make", GRID_FIGURES)
+def test_grid_figures_name_the_dataset_and_write_plain_ticks(make):
+    import numpy as np
+    from test_critical_lr import grid_sweep
+    sgd = analyse(grid_sweep())
+    adam = analyse(grid_sweep(optimizer="adam_keras", rate=lambda b: 1e-3 * np.sqrt(b / 8)))
+    for analyses, panels in ((sgd, 1), ({"sgd": sgd, "adam_keras": adam}, 2)):
+        fig = make(analyses)
+        assert "grid-digits" in fig._suptitle.get_text() and len(fig.axes) == panels
+        texts = tick_texts(fig)
+        assert texts and all(PLAIN.match(t) for t in texts), [t for t in texts
+                                                              if not PLAIN.match(t)]
+        assert all(ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+                   for ax in fig.axes) or make is plots.figure_b_simple_over_training
+        plt.close(fig)
+
+
+def test_grid_figures_draw_the_analysis_values():
+    from test_critical_lr import grid_sweep
+    a = analyse(grid_sweep())
+    g = a.grid
+    with plt.rc_context(plots.STYLE):
+        fig, axes = plt.subplots(1, 3)
+        plots.plot_lr_steps_to_target(axes[0], g)
+        plots.plot_best_lr(axes[1], g)
+        plots.plot_b_simple_over_training(axes[2], g)
+    # Steps: the best-rate envelope through S(B); B_crit and B_simple as vertical lines.
+    best = [b for b in g.batch_sizes if g.rates[b].best is not None]
+    envelope = next(ln for ln in axes[0].get_lines() if ln.get_color() == plots.BEST_COLOR
+                    and len(ln.get_xdata()) == len(best))
+    np.testing.assert_allclose(envelope.get_ydata(), [g.rates[b].steps.mean for b in best])
+    vertical = {ln.get_xdata()[0] for ln in axes[0].get_lines()
+                if len(ln.get_xdata()) == 2 and len(set(ln.get_xdata())) == 1}
+    assert g.fit.b_crit in vertical and g.noise.b_simple.mean in vertical
+    fit_line = next(ln for ln in axes[0].get_lines() if ln.get_label().startswith("eq. 2.11"))
+    np.testing.assert_allclose(fit_line.get_ydata(), 50 + 10_000 / fit_line.get_xdata(),
+                               rtol=1e-6)
+    # The unreliable best (B = 1024, on the upper edge) is drawn hollow, as an upward triangle.
+    top = [ln for ln in axes[1].get_lines() if list(ln.get_xdata()) == [1024]
+           and ln.get_marker() == "^"]
+    assert top and top[0].get_markerfacecolor() == "white"
+    assert top[0].get_ydata()[0] == pytest.approx(g.rates[1024].best.learning_rate)
+    filled = {ln.get_xdata()[0]: ln.get_ydata()[0] for ln in axes[1].get_lines()
+              if ln.get_marker() == "o" and len(ln.get_xdata()) == 1}
+    for b in g.scaling.batch_sizes:
+        assert filled[b] == pytest.approx(g.rates[b].best.learning_rate)
+    eq27 = next(ln for ln in axes[1].get_lines() if ln.get_label().startswith("eq. 2.7"))
+    np.testing.assert_allclose(eq27.get_ydata(), 0.5 / (1 + 100 / eq27.get_xdata()), rtol=1e-6)
+    # B_simple: each best run's records to its crossing, ending at the interpolated value.
+    seed = g.rates[64].best.seeds[0]
+    line = next(ln for ln in axes[2].get_lines() if ln.get_label() == "B = 64")
+    assert line.get_xdata()[-1] == pytest.approx(1.0)
+    steps = np.array([r["step"] for r in seed.run.noise], float)
+    values = np.array([r["noise_scale"] for r in seed.run.noise])
+    assert line.get_ydata()[-1] == pytest.approx(np.interp(seed.steps, steps, values))
+    horizontal = {ln.get_ydata()[0] for ln in axes[2].get_lines()
+                  if len(ln.get_ydata()) == 2 and len(set(ln.get_ydata())) == 1}
+    assert g.fit.b_crit in horizontal and g.noise.b_simple.mean in horizontal
+    plt.close(fig)
+
+
+def test_comparison_figures_are_saved(tmp_path):
+    from test_critical_lr import grid_sweep
+    analyses = {"sgd": analyse(grid_sweep(batch_sizes=(8, 32, 128))),
+                "adam_keras": analyse(grid_sweep(batch_sizes=(8, 32, 128),
+                                                 optimizer="adam_keras"))}
+    paths = plots.make_comparison_figures(analyses, tmp_path)
+    assert sorted(p.stem for p in paths if p.suffix == ".png") == [
+        "b_simple_over_training", "best_lr", "lr_steps_to_target"]
+    assert_figure_files(tmp_path, ["best_lr"])
+    with pytest.raises(plots.BatchjaxError, match="not a learning-rate grid sweep"):
+        plots.figure_best_lr(analyse(fake_sweep()))

@@ -166,3 +166,91 @@ def test_write_report_saves_the_critical_analysis(tmp_path):
     assert saved["primary"]["fit_df"] == 6
     assert saved["b_simple_mean"] == pytest.approx(B_SIMPLE)
     assert np.isfinite(saved["primary"]["b_crit_t_interval"]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# The learning-rate grid (issue #15): constructed in tests/test_critical_lr.py
+
+
+def test_grid_report_states_the_table_fits_and_the_comparison(tmp_path):
+    import numpy as np
+    from test_critical_lr import grid_sweep
+    a = analyse(grid_sweep())
+    g = a.grid
+    text = report.write_report(a, tmp_path)
+    assert (tmp_path / "report.md").read_text() == text and "### Claim" not in text
+    assert "## SGD (`grid`)" in text
+    # The table: every batch size, its best rate, S(B) and the flags.
+    table = text[text.index("| B | best rate |"):text.index("Every rate tried")]
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines()
+            if line.startswith("| ") and line[2:3].isdigit()}
+    assert set(rows) == {str(b) for b in g.batch_sizes}
+    assert rows["4"].count("**no rate reached**") == 1 and "6 budget, 6 hopeless" in rows["4"]
+    assert "**unreliable**: best is the largest rate after 2 extensions up" in rows["1024"]
+    assert "1 diverged" in rows["16"]
+    eight = g.rates[8]
+    assert f"| 8 | {report._rate(eight.best.learning_rate)} | 6 (" in rows["8"]
+    assert f"| {eight.steps.mean:.0f} ± {eight.steps.sd:.0f} |" in rows["8"]
+    assert f"[{eight.steps.lo:.0f}, {eight.steps.hi:.0f}]" in rows["8"]
+    # Every rate tried, its mean steps over the seeds that reached and why the others did not.
+    every = text[text.index("Every rate tried"):text.index("Runs not reaching the target")]
+    assert f"**{report._rate(eight.best.learning_rate)}: {eight.steps.mean:.0f} (3/3)**" in every
+    failed = g.rates[16].cells[4]
+    assert (f"{report._rate(failed.learning_rate)}: {failed.steps.mean:.0f} (2/3; 1 diverged)"
+            in every)
+    assert "(1/3; 1 budget, 1 hopeless)" in every
+    assert "hopeless: stopped as hopeless" in text
+    # The fits and the comparison, with their numbers.
+    assert "**B_crit = 200** (95% t interval on 6 df [200, 200]" in text
+    assert "eps_max = 0.5 (95% t interval on 5 df [0.5, 0.5]), B_noise = 100" in text
+    noise = g.noise
+    assert f"B_simple / B_crit = **{noise.ratio:.2g}**" in text
+    assert (f"t = {noise.test.t:+.1f}, df = {noise.test.df:.0f}, two-sided p < 0.001" in text)
+    assert "significantly more: measured this way, B_simple overestimates B_crit" in text
+    assert "probe subset of 1,000 training examples" in text and "log-spaced" in text
+    assert "2 standard errors" not in text and "2-SE" in text  # "no 2-SE rule"
+    saved = json.loads((tmp_path / "grid.json").read_text())
+    assert saved["fit"]["b_crit"] == pytest.approx(200.0, rel=1e-6)
+    assert saved["rates"]["4"]["best_learning_rate"] is None
+    assert saved["b_simple"]["outcome"] == "larger"
+    rows_csv = list(csv.DictReader(io.StringIO((tmp_path / "grid.csv").read_text())))
+    assert len(rows_csv) == sum(len(r.cells) for r in g.rates.values()) * 3
+    assert {r["outcome"] for r in rows_csv} == {"reached", "diverged", "hopeless", "budget"}
+    best = [r for r in rows_csv if r["best"] == "True" and r["batch_size"] == "8"]
+    assert [float(r["steps_to_target"]) for r in best] == pytest.approx(
+        [s.steps for s in eight.best.seeds])
+    assert not re.search(r"\d[eE][+-]\d", text), "a number in exponent notation"
+    assert np.isfinite(noise.ratio)
+
+
+def test_comparison_report_says_which_way_it_comes_out():
+    import numpy as np
+    from test_critical_lr import grid_sweep
+    sgd = analyse(grid_sweep(batch_sizes=(8, 32, 128, 512)))
+    adam = analyse(grid_sweep(batch_sizes=(8, 32, 128, 512), optimizer="adam_keras",
+                              rate=lambda b: 1e-3 * np.sqrt(b / 8)))
+    # Adam's noise records scaled down 10x: B_simple falls below B_crit.
+    for r in adam.results.runs:
+        for rec in r.noise:
+            rec["noise_scale"] /= 10
+    adam = analyse(adam.results)
+    text = report.critical_comparison({"sgd": sgd, "adam_keras": adam})
+    summary = text[text.index("## Summary"):text.index("## SGD")]
+    assert "| SGD | 200 |" in summary and "| Adam (Keras) | 200 |" in summary
+    assert adam.grid.noise.outcome == "smaller" and sgd.grid.noise.outcome == "larger"
+    assert "B_simple underestimates B_crit" in summary
+    assert "B_simple overestimates B_crit" in summary
+    assert "B_crit with Adam (Keras) is 1.00 times B_crit with SGD" in summary
+    assert "power law eps ∝ B^k (the model for Adam): k = +0.50" in text
+    with pytest.raises(report.BatchjaxError, match="not a learning-rate grid sweep"):
+        report.critical_comparison({"plain": analyse(fake_sweep())})
+
+
+def test_grid_verdict_table():
+    from test_critical_lr import grid_sweep
+    a = analyse(grid_sweep())
+    rows = {line.split()[0]: line for line in report.verdict_table(a).splitlines()[1:]}
+    assert set(rows) == {"C", "L", "F"}
+    assert "B_crit 200 [200, 200] (t)" in rows["C"] and "larger" in rows["C"]
+    assert "B_noise 100 [100, 100]" in rows["L"]
+    assert "4: no rate reached; 1024: unreliable (edge)" in rows["F"]

@@ -6,11 +6,9 @@ Signals, memory, the lock and a full disk at their limits: tests/test_reliabilit
 """
 
 import dataclasses
-import importlib.util
 import io
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -28,22 +26,10 @@ from batchjax.losses import cross_entropy
 from batchjax.model import MLP
 from batchjax.results import load_sweep
 from batchjax.sweep import _Console, run_sweep
+from sweeputil import ROOT, TIMING_KEYS, Stop, load_script
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig.tiny(epochs=2)  # hidden 16
 BATCH_SIZES, SEEDS = [16, 64], [0, 1]
-TIMING_KEYS = {"train_seconds", "eval_seconds", "seconds", "compile_seconds"}
-
-
-class Stop(Exception):
-    """Stands in for a kill in the middle of a sweep."""
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +91,8 @@ def test_sweep_writes_every_file_of_the_schema(reference, data):
     assert manifest["config"]["hidden"] == [16] and "batch_size" not in manifest["config"]
     assert manifest["dataset"] == data.describe()
     assert manifest["started"] and manifest["finished"]
+    # What run_sweep returns is what it wrote last, the finished time included.
+    assert results.manifest["finished"] == manifest["finished"]
     session = manifest["sessions"][0]
     assert session["command"] == ["pytest"]
     assert {"jax", "jaxlib", "flax", "optax", "numpy", "matplotlib", "tensorflow-datasets",

@@ -1,0 +1,20 @@
+"""What the sweep tests share: the repository root, the timing fields, loading a script."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Fields that differ between two runs of the same numbers.
+TIMING_KEYS = {"train_seconds", "eval_seconds", "seconds", "compile_seconds"}
+
+
+class Stop(Exception):
+    """Stands in for a kill in the middle of a sweep."""
+
+
+def load_script(name):
+    """scripts/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
