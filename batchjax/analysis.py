@@ -1265,6 +1265,24 @@ class BestRate:
     faster_partial: list[int]
 
 
+def interpolate_optimum(learning_rates: Sequence[float], mean_steps: Sequence[float]) -> float:
+    """The rate at the vertex of the parabola through (log rate, log steps) at three rates,
+    the middle one the fewest steps: the continuous optimum that a grid brackets. Kept
+    within the outer two rates (it lies within half a step of the middle one when the rates
+    are evenly spaced in log)."""
+    x = np.log(np.asarray(learning_rates, np.float64))
+    y = np.log(np.asarray(mean_steps, np.float64))
+    if x.shape != (3,) or y.shape != (3,) or not (np.all(np.isfinite(x)) and np.all(np.diff(x) > 0)):
+        raise BatchjaxError("interpolating the optimum needs 3 ascending positive rates")
+    # Newton's form y = y0 + d0 (x - x0) + c (x - x0)(x - x1); the vertex is where y' = 0.
+    d0, d1 = (y[1] - y[0]) / (x[1] - x[0]), (y[2] - y[1]) / (x[2] - x[1])
+    c = (d1 - d0) / (x[2] - x[0])
+    if not (c > 0):  # flat or concave: no interior minimum; the middle rate
+        return float(learning_rates[1])
+    vertex = 0.5 * (x[0] + x[1]) - d0 / (2 * c)
+    return float(np.exp(np.clip(vertex, x[0], x[2])))
+
+
 def choose_best_rate(steps_RxS: np.ndarray) -> BestRate:
     """The best learning rate of one batch size: among the rates (rows, ascending) whose every
     seed (column) reached the target (finite steps), the fewest mean steps; exact ties go to
@@ -1343,6 +1361,27 @@ class BatchRates:
         """Whether the sweep would still extend the grid past the edge the best rate is on."""
         direction = {"low": "down", "high": "up"}.get(self.choice.edge or "")
         return direction is not None and self.extended.count(direction) < MAX_GRID_EXTENSIONS
+
+    @property
+    def optimum(self) -> float | None:
+        """The best rate refined between grid points: the vertex of the parabola through
+        (log rate, log mean steps) at the best rate and its two neighbours
+        (`interpolate_optimum`), when both neighbours had every seed reach the target; else
+        the best grid rate. None without a best rate. On a grid of rates a factor 2 apart the
+        best grid rate alone is known to within a factor sqrt(2) either way, and an adaptive
+        search that centres each grid on a scaled guess would hand the fits of the best rate
+        against B its own scaling whenever the best is the guess; the vertex is not tied to
+        the grid."""
+        if self.best is None:
+            return None
+        i = self.choice.index
+        if self.unreliable or i == 0 or i == len(self.cells) - 1:
+            return self.best.learning_rate
+        trio = self.cells[i - 1:i + 2]
+        if not all(c.complete for c in trio):
+            return self.best.learning_rate
+        return interpolate_optimum([c.learning_rate for c in trio],
+                                   [c.steps.mean for c in trio])
 
     @property
     def steps(self) -> Estimate:
@@ -1629,7 +1668,7 @@ def _rate_scaling(rates: dict[int, BatchRates], optimizer: str) -> RateScaling:
             where = {"low": "smallest", "high": "largest", "single": "only"}[r.edge]
             excluded.append((b, f"unreliable: the best is the {where} rate of the grid"))
         else:
-            points.append((b, r.best.learning_rate))
+            points.append((b, r.optimum))
     primary = "eq27" if optimizer in SGD_FAMILY else "power"
     out = RateScaling([b for b, _ in points], [v for _, v in points], excluded, None, None,
                       primary)

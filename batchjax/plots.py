@@ -984,7 +984,11 @@ def plot_best_lr(ax, grid) -> None:
         marker = {"high": "^", "low": "v"}.get(rates.edge or "", "o")
         ax.plot([b], [rates.best.learning_rate], marker, color=BEST_COLOR, ms=4.5,
                 mfc="white" if rates.unreliable else BEST_COLOR, mew=1.0, zorder=4)
-    ax.plot([], [], "o", color=BEST_COLOR, ms=4.5, label="best rate")
+        if not rates.unreliable and rates.optimum != rates.best.learning_rate:
+            ax.plot([b], [rates.optimum], "x", color="black", ms=4.5, mew=1.0, zorder=5)
+    ax.plot([], [], "o", color=BEST_COLOR, ms=4.5, label="best rate of the grid")
+    ax.plot([], [], "x", color="black", ms=4.5, mew=1.0,
+            label="refined: parabola through it and its neighbours (fitted)")
     ax.plot([], [], "-", color=BEST_COLOR, alpha=0.25, lw=5, label="not significantly slower")
     if grid.unreliable:
         ax.plot([], [], "^", color=BEST_COLOR, mfc="white", ms=4.5,

@@ -868,9 +868,16 @@ def _fit_lines(grid: GridAnalysis) -> list[str]:
 def _scaling_lines(grid: GridAnalysis) -> list[str]:
     s = grid.scaling
     excluded = "; ".join(f"B = {b}: {why}" for b, why in s.excluded)
+    optima = ", ".join(f"{b}: {_rate(v)}" for b, v in zip(s.batch_sizes, s.learning_rates))
     lines = ["*Best learning rate against B* over B = "
              + (", ".join(map(str, s.batch_sizes)) or "none")
-             + (f" (left out: {excluded})" if excluded else "") + "."]
+             + (f" (left out: {excluded})" if excluded else "") + ". Each point is the "
+             "vertex of the parabola through log mean steps against log rate at the best grid "
+             "rate and its two neighbours (the grid rate itself where a neighbour did not "
+             "reach the target): a grid a factor 2 apart knows its best rate only to a factor "
+             "sqrt(2) either way, and each grid is centred on a guess scaled from the best "
+             "rate of the batch size before, so grid rates alone would hand the fits the "
+             "search's own scaling" + (f". Optima: {optima}." if optima else ".")]
     if s.eq27 is None and s.power is None:
         return lines + [f"No fit: {s.note}.", ""]
     fit = s.eq27
@@ -889,9 +896,12 @@ def _scaling_lines(grid: GridAnalysis) -> list[str]:
                      f"log space{' (the model for SGD)' if s.primary == 'eq27' else ''}: "
                      f"{text}.")
     power = s.power
-    if power is not None:
+    model = " (the model for Adam)" if s.primary == "power" else ""
+    if power is not None and not np.isfinite(power.se):
+        lines.append(f"- power law eps ∝ B^k{model}: k = {power.slope:+.2f}, the points exactly "
+                     "on a line (no residual: no interval, no test).")
+    elif power is not None:
         half, one = power.test(0.5), power.test(1.0)
-        model = " (the model for Adam)" if s.primary == "power" else ""
         lines.append(f"- power law eps ∝ B^k{model}: k = {power.slope:+.2f} ± "
                      f"{power.se:.2f} (95% t interval on {_fmt_df(power.df)} df "
                      f"[{power.lo:+.2f}, {power.hi:+.2f}]); against the "
@@ -1430,7 +1440,8 @@ def _grid_verdict_table(grid: GridAnalysis) -> str:
         rows.append(("L", "best rate against B: eq. 2.7", "fitted", key))
     elif s.power is not None:
         rows.append(("L", "best rate against B: power law", "fitted",
-                     f"k = {s.power.slope:+.2f} [{s.power.lo:+.2f}, {s.power.hi:+.2f}]"))
+                     f"k = {s.power.slope:+.2f} [{s.power.lo:+.2f}, {s.power.hi:+.2f}]"
+                     if np.isfinite(s.power.se) else f"k = {s.power.slope:+.2f} (exact, no interval)"))
     else:
         rows.append(("L", "best rate against B", "no fit", s.note or ""))
     flagged = [f"{b}: no rate reached" for b in grid.unreached]

@@ -275,6 +275,11 @@ def fit_slope(x: Sequence[float], y: Sequence[float], sy: Sequence[float] | None
     chi2 = float(np.sum(w * (y - ym - slope * (x - xm)) ** 2) / dof) if dof > 0 else 0.0
     if sy is None:
         se, df = math.sqrt(chi2 / sxx), float(dof)
+        if chi2 <= (1e-12 * (1.0 + float(np.max(np.abs(y))))) ** 2:
+            # The points lie on a line to rounding: no residual to estimate an error from
+            # (e.g. values confined to a lattice); the slope's SE and interval are unknown.
+            return Slope(slope, float(ym - slope * xm), float("nan"), df, n, float("nan"),
+                         float("nan"))
     else:
         se = math.sqrt(1.0 / sxx) * math.sqrt(max(chi2, 1.0))
         df = float(dof) if dof > 0 else float("inf")

@@ -262,6 +262,10 @@ def test_fit_slope_against_least_squares_references():
                                 pytest.approx(ref.slope + q * ref.stderr))
     assert fit.test(0.6).t == pytest.approx((ref.slope - 0.6) / ref.stderr)
     assert stats.fit_slope(x[:2], y[:2]) is None  # OLS needs a residual
+    # OLS through points exactly on a line (rates on a lattice): no SE, not an SE of 1e-17.
+    lattice = stats.fit_slope(np.log2([8.0, 16, 32, 64]), np.log2([1e-3, 2e-3, 4e-3, 8e-3]))
+    assert lattice.slope == pytest.approx(1.0) and math.isnan(lattice.se)
+    assert not lattice.test(0.5).known and math.isnan(lattice.lo)
     # Weighted: points exactly on a line keep the error-bar SE (never scaled down) ...
     sy = np.array([0.1, 0.2, 0.1, 0.3])
     xw = np.array([1.0, 2.0, 3.0, 4.0])

@@ -23,7 +23,8 @@ import scipy.stats
 
 from batchjax import analysis, critical, stats
 from batchjax.analysis import (BUDGET, DIVERGED, HOPELESS, MISSING, NOT_REACHED, REACHED,
-                               analyse, analyse_grid, choose_best_rate, run_b_simple_average)
+                               analyse, analyse_grid, choose_best_rate, interpolate_optimum,
+                               run_b_simple_average)
 from batchjax.config import TrainConfig
 from batchjax.errors import BatchjaxError
 from batchjax.results import SweepResults
@@ -314,7 +315,55 @@ def test_adam_gets_the_power_law():
     g = analyse_grid(grid_sweep(optimizer="adam_keras", rate=lambda b: 1e-3 * np.sqrt(b / 8)))
     assert g.scaling.primary == "power"
     assert g.scaling.power.slope == pytest.approx(0.5, rel=1e-9)
-    assert g.scaling.power.lo == pytest.approx(0.5) and g.scaling.power.hi == pytest.approx(0.5)
+    # The constructed optima lie exactly on the line: no residual, so no SE and no interval
+    # (rather than an interval of width 0 and t statistics of 1e15).
+    assert np.isnan(g.scaling.power.se) and np.isnan(g.scaling.power.lo)
+    assert "no residual: no interval, no test" in grid_section_text(g)
+
+
+def grid_section_text(g):
+    from batchjax import report
+    return "\n".join(report._scaling_lines(g))
+
+
+def test_the_optimum_is_the_vertex_of_the_parabola_through_the_best_and_its_neighbours():
+    # log steps = 5 + 0.7 (log lr - log 0.013)^2 exactly: the vertex is 0.013, between the
+    # grid's 0.01 and 0.02.
+    rates = np.array([0.005, 0.01, 0.02])
+    steps = np.exp(5 + 0.7 * (np.log(rates) - np.log(0.013)) ** 2)
+    assert interpolate_optimum(rates, steps) == pytest.approx(0.013, rel=1e-12)
+    # Flat: the middle rate; never beyond the outer rates.
+    assert interpolate_optimum(rates, [100, 100, 100]) == 0.01
+    assert 0.005 <= interpolate_optimum(rates, [100, 99.999, 1e9]) <= 0.02
+
+
+def test_the_best_rate_against_b_uses_the_refined_optima():
+    # Steps asymmetric about the grid's best rate: log steps a parabola in log2 lr whose
+    # vertex sits a third of a grid step above eps_opt(B); the refined optima recover it and
+    # eq. 2.7 is fitted to them, not to the grid rates.
+    shift = 1 / 3
+
+    def tilted(b):
+        return eps_opt(b) * 2.0 ** shift
+
+    sweep = grid_sweep(rate=eps_opt)
+    by_cell = {}
+    for run in sweep.runs:
+        k = round(math.log2(run.config.learning_rate / eps_opt(run.batch_size)))
+        if run.batch_size in (4, 16, 1024) or not np.isfinite(run.step_losses).all():
+            continue
+        steps = s_opt(run.batch_size) * math.exp(0.3 * (k - shift) ** 2)
+        by_cell[(run.batch_size, k, run.seed)] = steps
+        run.step_losses = np.maximum(TARGET + 1.0 - np.arange(len(run.step_losses)) / steps,
+                                     FLOOR)
+    g = analyse_grid(sweep)
+    for b in g.scaling.batch_sizes:
+        if b in (4, 16, 1024):
+            continue
+        assert g.rates[b].best.learning_rate == pytest.approx(eps_opt(b))  # the grid's best
+        assert g.rates[b].optimum == pytest.approx(tilted(b), rel=0.02)  # the vertex
+    i = g.scaling.batch_sizes.index(64)
+    assert g.scaling.learning_rates[i] == g.rates[64].optimum
 
 
 # --------------------------------------------------------------------------------------------
