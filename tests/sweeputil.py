@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import signal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Fields that differ between two runs of the same numbers.
@@ -18,3 +19,11 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def as_at_a_terminal():
+    """A subprocess's `preexec_fn`: SIGINT handled as in a terminal's foreground job. A shell
+    starts background jobs with SIGINT ignored and children inherit that, and the sweep (like
+    any well-behaved program) leaves an ignored SIGINT ignored; the tests that send it must not
+    depend on how pytest itself was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -10,7 +10,7 @@ from batchjax.losses import cross_entropy
 from batchjax.model import MLP, init_params
 from batchjax.noise import gradient_stats, per_example_grads
 
-SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=3, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -102,7 +102,7 @@ def test_noise_scale_is_invariant_to_scaling_the_loss(problem, scale):
                                atol=1e-6 * scale**2)
 
 
-@settings(SETTINGS, max_examples=4)
+@settings(SETTINGS, max_examples=2)
 @given(st.integers(1, 40), st.integers(1, 45))
 def test_identical_examples_have_no_variance_whatever_the_chunking(n, chunk):
     rng = np.random.default_rng(n * 100 + chunk)

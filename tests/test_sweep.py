@@ -26,7 +26,7 @@ from batchjax.losses import cross_entropy
 from batchjax.model import MLP
 from batchjax.results import load_sweep
 from batchjax.sweep import _Console, run_sweep
-from sweeputil import ROOT, TIMING_KEYS, Stop, load_script
+from sweeputil import ROOT, TIMING_KEYS, Stop, as_at_a_terminal, load_script
 
 CONFIG = TrainConfig.tiny(epochs=2)  # hidden 16
 BATCH_SIZES, SEEDS = [16, 64], [0, 1]
@@ -366,9 +366,10 @@ def test_cli_figures_names_a_corrupt_file(reference, tmp_path, capsys):
 def test_a_signal_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(tmp_path, signum):
     out = tmp_path / "out"
     argv = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--dataset", "mnist-5k",
-            "--batch-sizes", "32,64", "--epochs", "2", "--seeds", "2", "--hidden", "16",
+            "--batch-sizes", "32,64", "--epochs", "1", "--seeds", "2", "--hidden", "16",
             "--noise-every", "none", "--no-sharpness", "--out", str(out), "--no-figures"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_at_a_terminal)
     first = out / "bs00032_seed1" / "metrics.json"
     deadline = time.monotonic() + 60
     while not first.exists():
@@ -389,7 +390,7 @@ def test_a_signal_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(
     resumed = subprocess.run(argv + ["--resume", "--quiet"], capture_output=True, text=True,
                              timeout=120)
     assert resumed.returncode == 0, resumed.stderr
-    reference = run_sweep(tmp_path / "ref", TrainConfig(epochs=2, hidden=16,
+    reference = run_sweep(tmp_path / "ref", TrainConfig(epochs=1, hidden=16,
                                                         noise_schedule="none"),
                           load_dataset("mnist-5k", verbose=False), batch_sizes=[32, 64],
                           seeds=[0, 1], verbose=False, sharpness=None)
@@ -574,7 +575,7 @@ def test_model_optimizer_and_loss_fn_reach_training_evaluation_and_sharpness(ref
 def test_a_warm_compile_cache_gives_the_numbers_of_a_fresh_compile(tmp_path):
     cache = tmp_path / "cache"
     argv = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--dataset", "mnist-5k",
-            "--batch-sizes", "32,64", "--epochs", "1", "--seeds", "2", "--hidden", "16",
+            "--batch-sizes", "64", "--epochs", "1", "--seeds", "2", "--hidden", "16",
             "--no-sharpness", "--no-figures", "--quiet", "--compile-cache", str(cache)]
 
     def run(out):
