@@ -1162,15 +1162,21 @@ def grid_rows(grid: GridAnalysis) -> list[dict]:
             for b, r in grid.rates.items() for c in r.cells for s in c.seeds]
 
 
+def _head(title: str, analysis: Analysis, notes: Sequence[str], diverged_fate: str
+          ) -> tuple[list[str], list[str]]:
+    """A report's title and provenance lines, and its notes so far: the given ones, then one
+    per diverged run saying what became of it."""
+    lines = [title, ""] + _provenance_lines(analysis.results) + [""]
+    all_notes = list(notes) + [f"run {name} DIVERGED at step {step} (non-finite loss); "
+                               f"{diverged_fate}" for name, step in analysis.diverged]
+    return lines, all_notes
+
+
 def _grid_report(analysis: Analysis, figures: Sequence[str | os.PathLike],
                  notes: Sequence[str]) -> str:
     results, grid = analysis.results, analysis.grid
-    lines = [f"# Learning-rate grid report: {results.dataset_label()}", ""]
-    lines += _provenance_lines(results) + [""]
-    all_notes = list(notes)
-    for name, step in analysis.diverged:
-        all_notes.append(f"run {name} DIVERGED at step {step} (non-finite loss); counted as "
-                         "not reaching the target")
+    lines, all_notes = _head(f"# Learning-rate grid report: {results.dataset_label()}",
+                             analysis, notes, "counted as not reaching the target")
     if all_notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in all_notes] + [""]
     lines += ["## Method", "", _METHOD, ""]
@@ -1231,12 +1237,9 @@ def build_report(analysis: Analysis, *, figures: Sequence[str | os.PathLike] = (
     target_text = "n/a" if target is None else f"{100 * target:.1f}%" + (
         " (given)" if analysis.target_accuracy_given else
         " (the best accuracy every run reaches, rounded down to 0.5 points)")
-    lines = [f"# Batch-size sweep report: {results.dataset_label()}", ""]
-    lines += _provenance_lines(results) + [""]
-    all_notes = list(notes)
-    for name, step in analysis.diverged:
-        all_notes.append(f"run {name} DIVERGED at step {step} (non-finite loss); left out of the "
-                         "means and shown as diverged in the figures")
+    lines, all_notes = _head(f"# Batch-size sweep report: {results.dataset_label()}",
+                             analysis, notes,
+                             "left out of the means and shown as diverged in the figures")
     if results.missing:
         all_notes.append("incomplete: no finished run for " + ", ".join(
             f"B = {b} seed {s}" for b, s in results.missing) + " (continue with --resume)")

@@ -219,16 +219,10 @@ NOISE_PEERS = {"backpack_l2": ("BackPACK `BatchL2Grad` (traces)", "dense-traces"
 
 def run_noise_peer(python, way, params_path, repeats, num_train):
     """One PyTorch noise peer (`NOISE_PEERS`) in its own process: its row, or {"error": ...}."""
-    cmd = [python, str(NOISE_PEER_SCRIPT), "--params", str(params_path), "--only", way,
-           "--repeats", str(repeats), "--num-train", str(num_train)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return {"error": str(err)}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-    out = json.loads(lines[-1])
+    out = _peer_output([python, str(NOISE_PEER_SCRIPT), "--params", str(params_path),
+                        "--only", way, "--repeats", str(repeats), "--num-train", str(num_train)])
+    if "error" in out:
+        return out
     return {**out[way], "peak_mib": out["meta"]["ru_maxrss_mib"], "torch": out["meta"]["torch"],
             "backpack": out["meta"]["backpack"], "threads": out["meta"]["threads"]}
 
@@ -288,8 +282,8 @@ def run_worker(kind, *args, timeout=1800):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_peer(python, script, batch_size, epochs, env=None, args=()):
-    cmd = [python, str(script), "--batch-size", str(batch_size), "--epochs", str(epochs), *args]
+def _peer_output(cmd, env=None):
+    """Run a peer script; its last JSON line as a dict, or {"error": one line}."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                               env={**os.environ, **(env or {})})
@@ -298,7 +292,14 @@ def run_peer(python, script, batch_size, epochs, env=None, args=()):
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-    out = json.loads(lines[-1])
+    return json.loads(lines[-1])
+
+
+def run_peer(python, script, batch_size, epochs, env=None, args=()):
+    out = _peer_output([python, str(script), "--batch-size", str(batch_size), "--epochs",
+                        str(epochs), *args], env)
+    if "error" in out:
+        return out
     return {"epoch_s": out["last_epoch_s"], "train_s": out["last_train_only_s"],
             "peak_mib": out["ru_maxrss_mib"]}
 
