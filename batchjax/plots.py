@@ -1164,12 +1164,13 @@ def make_comparison_figures(analyses: Mapping[str, Analysis], figures_dir: str |
 # Saving
 
 
-def save_figure(fig: Figure, directory: str | os.PathLike, name: str) -> list[pathlib.Path]:
-    """Write `fig` as `name.pdf` (vector) and `name.png` (300 dpi), atomically; closes it."""
+def save_figure(fig: Figure, directory: str | os.PathLike, name: str,
+                dpi: float = 300) -> list[pathlib.Path]:
+    """Write `fig` as `name.pdf` (vector) and `name.png` (`dpi`), atomically; closes it."""
     directory = pathlib.Path(directory)
     paths = []
     with plt.rc_context(STYLE):
-        for ext, kw in (("pdf", {}), ("png", {"dpi": 300})):
+        for ext, kw in (("pdf", {}), ("png", {"dpi": dpi})):
             buf = io.BytesIO()
             fig.savefig(buf, format=ext, **kw)
             path = directory / f"{name}.{ext}"
@@ -1192,15 +1193,16 @@ def _init_worker(analysis: Analysis) -> None:
     _WORKER_ANALYSIS = analysis
 
 
-def _render(job: tuple[str, Callable, tuple], figures_dir, analysis: Analysis | None = None
-            ) -> list[pathlib.Path]:
+def _render(job: tuple[str, Callable, tuple], figures_dir, analysis: Analysis | None = None,
+            dpi: float = 300) -> list[pathlib.Path]:
     """Draw and save one figure: `job` is (file name, figure function, its other arguments)."""
     name, figure, args = job
     fig = figure(analysis if analysis is not None else _WORKER_ANALYSIS, *args)
-    return [] if fig is None else save_figure(fig, figures_dir, name)
+    return [] if fig is None else save_figure(fig, figures_dir, name, dpi)
 
 
-def _render_all(jobs, figures_dir, analysis: Analysis, workers: int) -> list[list]:
+def _render_all(jobs, figures_dir, analysis: Analysis, workers: int,
+                dpi: float = 300) -> list[list]:
     """Each job's files, in order; with workers > 1, spread over `workers` processes.
 
     This process renders too, from the end of the list, every job no other process has
@@ -1208,7 +1210,7 @@ def _render_all(jobs, figures_dir, analysis: Analysis, workers: int) -> list[lis
     threads do not survive a fork); if they cannot start, this process renders everything.
     """
     if workers <= 1 or len(jobs) <= 1:
-        return [_render(job, figures_dir, analysis) for job in jobs]
+        return [_render(job, figures_dir, analysis, dpi) for job in jobs]
     import concurrent.futures
     import multiprocessing
     done: list[list | None] = [None] * len(jobs)
@@ -1217,25 +1219,25 @@ def _render_all(jobs, figures_dir, analysis: Analysis, workers: int) -> list[lis
             min(workers, len(jobs)) - 1, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(analysis,))
     except (OSError, ValueError):
-        return [_render(job, figures_dir, analysis) for job in jobs]
+        return [_render(job, figures_dir, analysis, dpi) for job in jobs]
     try:
         with pool:
-            futures = [pool.submit(_render, job, figures_dir) for job in jobs]
+            futures = [pool.submit(_render, job, figures_dir, None, dpi) for job in jobs]
             for i in reversed(range(len(jobs))):
                 if futures[i].cancel():
-                    done[i] = _render(jobs[i], figures_dir, analysis)
+                    done[i] = _render(jobs[i], figures_dir, analysis, dpi)
             for i, future in enumerate(futures):
                 if done[i] is None:
                     done[i] = future.result()
     except concurrent.futures.process.BrokenProcessPool:
         pass  # a process died: this one draws what is left
-    return [files if files is not None else _render(job, figures_dir, analysis)
+    return [files if files is not None else _render(job, figures_dir, analysis, dpi)
             for job, files in zip(jobs, done)]
 
 
 def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
                  analysis: Analysis | None = None, target_loss: float | None = None,
-                 target_accuracy: float | None = None, workers: int = 1
+                 target_accuracy: float | None = None, workers: int = 1, dpi: float = 300
                  ) -> tuple[list[pathlib.Path], list[str]]:
     """Draw and save every figure of a sweep.
 
@@ -1250,6 +1252,7 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
         `multiprocessing`'s "spawn", which imports the caller's main module again: call with
         workers > 1 only from under `if __name__ == "__main__":`, and keep JAX out of that
         module's imports (the drawing itself needs none). The scripts use `SCRIPT_WORKERS`.
+      dpi: the PNGs' resolution (300, print quality; lower draws a quick look sooner).
 
     Returns:
       The written files and notes on figures that were skipped (e.g. no noise records).
@@ -1259,7 +1262,8 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
     results = analysis.results
     if analysis.grid is not None:
         jobs, notes = _grid_jobs(analysis)
-        paths = [p for files in _render_all(jobs, figures_dir, analysis, workers) for p in files]
+        paths = [p for files in _render_all(jobs, figures_dir, analysis, workers, dpi)
+                 for p in files]
         return paths, notes
     notes = []
     jobs = [(f"bs{b}_curves", figure_curves, (b,)) for b in results.batch_sizes]
@@ -1280,5 +1284,6 @@ def make_figures(results: SweepResults, figures_dir: str | os.PathLike, *,
         jobs.append(("critical_batch", figure_critical_batch, ()))
     else:
         notes.append(f"figure 8 (critical_batch) skipped: {analysis.critical.primary.note}")
-    paths = [p for files in _render_all(jobs, figures_dir, analysis, workers) for p in files]
+    paths = [p for files in _render_all(jobs, figures_dir, analysis, workers, dpi)
+             for p in files]
     return paths, notes

@@ -1,10 +1,21 @@
-"""Test-wide settings: fail on implicit rank promotion, draw figures off-screen, and keep the
-sweep script's compilation cache off unless a test asks for one (no writes to ~/.cache)."""
+"""Test-wide settings: fail on implicit rank promotion, draw figures off-screen, and one
+compilation cache for the session (in a temporary directory, never ~/.cache).
 
+The cache: programs that several tests, or the sweeps they start in subprocesses, build alike
+compile once (a fresh checkout's suite is ~10% faster). `tests/compiles.py` counts a program
+loaded from it as a compilation, so "compiles nothing" still means nothing was compiled or
+loaded; a test that needs a cold compilation gives its sweep `--compile-cache none`.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("BATCHJAX_COMPILE_CACHE", "none")
+SESSION_CACHE = tempfile.mkdtemp(prefix="batchjax-tests-xla-")
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+os.environ.setdefault("BATCHJAX_COMPILE_CACHE", SESSION_CACHE)
 # No test may find or fill a real Keras cache (~/.keras/datasets/mnist.npz, which "auto"
 # would load): a path under this file holds nothing and cannot be written to.
 os.environ["KERAS_HOME"] = os.path.join(__file__, "keras")
@@ -12,3 +23,7 @@ os.environ["KERAS_HOME"] = os.path.join(__file__, "keras")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+if os.environ["BATCHJAX_COMPILE_CACHE"].strip().lower() not in ("", "none"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["BATCHJAX_COMPILE_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_enable_compilation_cache", True)

@@ -6,6 +6,7 @@ figures of a real sweep are drawn in `tests/test_sweep.py`.
 """
 
 import math
+import pathlib
 import re
 import struct
 
@@ -70,12 +71,13 @@ def test_make_figures_writes_every_figure_and_marks_diverged_runs(tmp_path):
 
 def test_figures_drawn_in_several_processes_are_those_drawn_in_one(tmp_path):
     results = fake_sweep(batch_sizes=(8, 32, 128), seeds=(0, 1), diverged=[(8, 1, 2)])
-    one, _ = plots.make_figures(results, tmp_path / "one")
-    three, _ = plots.make_figures(results, tmp_path / "three", workers=3)
+    one, _ = plots.make_figures(results, tmp_path / "one", dpi=72)
+    three, _ = plots.make_figures(results, tmp_path / "three", workers=3, dpi=72)
     assert [p.name for p in three] == [p.name for p in one]  # same files, same order
     for a, b in zip(one, three):
         if a.suffix == ".png":  # PDFs carry their creation time
             assert a.read_bytes() == b.read_bytes(), a.name
+            assert png_size(a)[0] <= plots.PAGE_WIDTH * 72  # the dpi asked for, not 300
 
 
 def test_figures_are_drawn_here_when_no_process_can_start(tmp_path, monkeypatch):
@@ -85,14 +87,24 @@ def test_figures_are_drawn_here_when_no_process_can_start(tmp_path, monkeypatch)
         raise OSError("no processes here")
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", refuse)
-    results = fake_sweep(batch_sizes=(8, 32), seeds=(0,))
+    drawn = []  # what this process drew (the drawing itself is tested above)
+
+    def render(job, figures_dir, analysis=None, dpi=300):
+        assert analysis is not None  # here, not in a worker
+        drawn.append(job[0])
+        return [pathlib.Path(figures_dir) / f"{job[0]}.png"]
+
+    monkeypatch.setattr(plots, "_render", render)
+    results = fake_sweep(batch_sizes=(8, 32, 128), seeds=(0,))
     paths, _ = plots.make_figures(results, tmp_path, workers=4)
-    assert paths and all(p.exists() for p in paths)
+    assert [p.stem for p in paths] == drawn
+    assert {"bs8_curves", "bs32_curves", "bs128_curves", "step_loss", "validation",
+            "gradient_variance", "roughness_gap", "critical_batch"} <= set(drawn)
 
 
 def test_missing_noise_and_sharpness_skip_figures_4_5_and_7_with_notes(tmp_path):
     paths, notes = plots.make_figures(fake_sweep(batch_sizes=(8, 32), seeds=(0,), noise=False,
-                                                 sharpness_exponent=None), tmp_path)
+                                                 sharpness_exponent=None), tmp_path, dpi=72)
     names = {p.stem for p in paths}
     assert "gradient_variance" not in names and "noise_over_training" not in names
     assert {"bs8_curves", "step_loss", "validation", "roughness_gap"} <= names
@@ -314,7 +326,7 @@ def test_make_figures_on_a_grid_sweep_draws_the_grid_figures(tmp_path):
                                                    for e in ("pdf", "png"))
     assert_figure_files(tmp_path, names)
     _, notes = plots.make_figures(grid_sweep(batch_sizes=(8, 32, 128), noise=False),
-                                  tmp_path / "quiet")
+                                  tmp_path / "quiet", dpi=72)
     assert notes == ["figure b_simple_over_training skipped: no gradient-noise records"]
 
 

@@ -45,6 +45,8 @@ SCRIPT = str(ROOT / "scripts" / "sweep.py")
 STOP = 1.0  # $BATCHJAX_STOP_SECONDS of the subprocesses
 SLACK = 4.0  # start-up of a signal's handling and process exit, on a loaded machine
 ENV = {**os.environ, "BATCHJAX_STOP_SECONDS": str(STOP), "PYTHONUNBUFFERED": "1"}
+# For the tests that signal a sweep while it compiles: no cache may shorten the compilation.
+COLD = {**ENV, "BATCHJAX_COMPILE_CACHE": "none"}
 TINY = ["--dataset", "mnist-5k", "--epochs", "1", "--seeds", "1", "--noise-schedule", "none",
         "--no-sharpness", "--no-figures"]
 # 24 hidden layers: each of a few programs takes seconds to compile, the training little.
@@ -220,7 +222,7 @@ def test_the_memory_estimate_is_near_the_measured_peak():
 
 def test_sigterm_during_compilation_ends_within_the_bound_and_resume_completes(tmp_path):
     out = tmp_path / "out"
-    sweep = Sweep(*DEEP, "--out", str(out))
+    sweep = Sweep(*DEEP, "--out", str(out), env=COLD)
     sweep.wait_for("training seeds 0")  # compilation follows at once and takes seconds
     sent = sweep.signal(signal.SIGTERM)
     ended = sweep.finish()
@@ -244,7 +246,7 @@ def test_sigterm_during_compilation_ends_within_the_bound_and_resume_completes(t
 
 def test_a_second_signal_ends_the_process_at_once(tmp_path):
     out = tmp_path / "out"
-    env = {**ENV, "BATCHJAX_STOP_SECONDS": "60"}  # only the second signal can end it soon
+    env = {**COLD, "BATCHJAX_STOP_SECONDS": "60"}  # only the second signal can end it soon
     sweep = Sweep(*DEEP, "--out", str(out), env=env)
     sweep.wait_for("training seeds 0")
     sweep.signal(signal.SIGTERM)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -496,10 +497,17 @@ def test_compile_cache_directory_from_flag_environment_or_default(monkeypatch, t
     assert compile_cache_dir() is None
     monkeypatch.delenv("BATCHJAX_COMPILE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert compile_cache_dir() == str(tmp_path / "xdg" / "batchjax" / "xla")
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert compile_cache_dir() == str(tmp_path / "home" / ".cache" / "batchjax" / "xla")
+    kept = jax.config.jax_compilation_cache_dir  # the test session's (conftest)
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+        assert compile_cache_dir() == str(tmp_path / "jax")  # a cache JAX was given
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compile_cache_dir() == str(tmp_path / "xdg" / "batchjax" / "xla")
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert compile_cache_dir() == str(tmp_path / "home" / ".cache" / "batchjax" / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", kept)
 
 
 def test_cli_unusable_compile_cache(tmp_path, capsys, monkeypatch):
