@@ -28,6 +28,8 @@ key data and the epoch as a number. The compiled functions of one static setting
 optimizer name or object, loss_fn, N, B, unroll, number of runs, devices) are kept in
 `_PROGRAMS`, and each dataset's device copies in `_DEVICE_DATA`: a repeated call with another
 learning rate, seed, b1, b2, eps, momentum or number of epochs compiles and copies nothing.
+The initial state is drawn one run at a time by a program per (model, optimizer, image shape)
+(`_INITIALS`), so other batch sizes and numbers of runs do not compile it again.
 
 Stopping: `should_stop()` is polled at safe points and raises `Interrupted`; with
 `segment_seconds` an epoch runs in segments of about that length (`steps.make_train_segment`,
@@ -102,11 +104,54 @@ def measurement_steps(config: TrainConfig, steps_per_epoch: int,
 # Compiled once: the programs of a static setting, and the data on the device
 
 
-class _Program:
+class _Compiled:
+    """Jitted functions (`jitted`, by name), each compiled for its arguments' shapes on first
+    use and kept; `compile_seconds` counts all the compiling they have done, ever."""
+
+    def __init__(self):
+        self.jitted: dict = {}
+        self.compiled: dict = {}
+        self.compile_seconds = 0.0
+
+    def __call__(self, name: str, *args):
+        """Run function `name` on `args`, compiling it for their shapes the first time."""
+        leaves, treedef = jax.tree.flatten(args)  # every leaf is an array or NumPy scalar
+        signature = (name, treedef, tuple((a.shape, a.dtype) for a in leaves))
+        executable = self.compiled.get(signature)
+        if executable is None:
+            t0 = time.perf_counter()
+            executable = self.jitted[name].lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - t0
+            self.compiled[signature] = executable
+        return executable(*args)
+
+
+class _Initial(_Compiled):
+    """One run's initial state, `init(key_data, hparams) -> TrainState`, for a (model,
+    optimizer, image shape): shared by the programs of every batch size and number of runs.
+
+    Initialising is one of the slower programs to compile on CPU (the threefry draws of every
+    kernel: 1-2.5 s), so it is compiled once, not once per program; a program stacks its
+    runs' states. Each run's numbers are those of the vmapped draw (threefry is per key).
+    """
+
+    def __init__(self, model, optimizer, image_shape):
+        super().__init__()
+
+        def init(key_data, hparams):
+            key = rng.stream_key(jax.random.wrap_key_data(key_data), "init")
+            params = init_params(model, key, image_shape)
+            return TrainState(params, optim.resolve(optimizer, hparams).init(params), hparams)
+
+        self.jitted["init"] = jax.jit(init)
+
+
+class _Program(_Compiled):
     """The jitted functions of one static setting, each compiled on first use and kept.
 
-    Functions (R runs; with R = 1 nothing is vmapped):
-      init(key_data, hparams) -> state
+    Functions (R runs; with R = 1 nothing is vmapped); the initial state comes from the
+    method `init` (the shared `_Initial` per run, then `stack`):
+      stack(states) -> state: R runs' states stacked on a leading axis, placed like the runs
       epoch(state, x, y, key_data, epoch) -> (state, EpochMetrics): a whole epoch (scan)
       start(key_data, epoch) -> (perm, EpochMetrics of zeros): a segmented epoch's order
       segment(state, metrics, x, y, perm, start, stop) -> (state, metrics)
@@ -116,21 +161,16 @@ class _Program:
 
     def __init__(self, model, optimizer, loss_fn, image_shape, num_train, batch_size, unroll,
                  num_runs, devices):
+        super().__init__()
         self.optimizer, self.num_runs = optimizer, num_runs
         self.run_sharding, self.replicated = seed_shardings(num_runs, devices)
-        self.compiled: dict = {}
-        self.compile_seconds = 0.0  # all compilation this program has done, ever
+        self.initial = _initial(model, optimizer, image_shape)
         self.seconds_per_step: float | None = None  # the latest measured epoch pace
         step = make_train_step(model, optimizer, loss_fn)
         epoch = make_train_epoch(None, None, num_train, batch_size, unroll, train_step=step)
         segment = make_train_segment(step, num_train, batch_size)
         evaluate = make_evaluate(model, loss_fn)
         steps_per_epoch = len(epoch_batch_sizes(num_train, batch_size))
-
-        def init(key_data, hparams):
-            key = rng.stream_key(jax.random.wrap_key_data(key_data), "init")
-            params = init_params(model, key, image_shape)
-            return TrainState(params, optim.resolve(optimizer, hparams).init(params), hparams)
 
         def run_epoch(state, x, y, key_data, epoch_index):
             key = rng.stream_key(jax.random.wrap_key_data(key_data), "shuffle", epoch_index)
@@ -141,11 +181,14 @@ class _Program:
             return epoch_permutation(key, num_train), EpochMetrics(
                 jnp.zeros(steps_per_epoch, jnp.float32), jnp.zeros(steps_per_epoch, jnp.int32))
 
+        def stack(states):
+            return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
         batched = num_runs > 1
         vmap = jax.vmap if batched else (lambda fn, in_axes: fn)
         options = compiler_options(devices)
         self.jitted = {
-            "init": jax.jit(vmap(init, in_axes=(0, 0)), out_shardings=self.run_sharding),
+            "stack": jax.jit(stack, out_shardings=self.run_sharding),
             "epoch": jax.jit(vmap(run_epoch, in_axes=(0, None, None, 0, None)),
                              donate_argnums=0, compiler_options=options),
             # Placed like the runs, so that a segment's inputs (the start's buffers, or the
@@ -165,37 +208,50 @@ class _Program:
         else:
             self.jitted["evaluate"] = jax.jit(vmap(evaluate, in_axes=(0, None, None)))
 
-    def __call__(self, name: str, *args):
-        """Run function `name` on `args`, compiling it for their shapes the first time."""
-        leaves, treedef = jax.tree.flatten(args)  # every leaf is an array or NumPy scalar
-        signature = (name, treedef, tuple((a.shape, a.dtype) for a in leaves))
-        executable = self.compiled.get(signature)
-        if executable is None:
-            t0 = time.perf_counter()
-            executable = self.jitted[name].lower(*args).compile()
-            self.compile_seconds += time.perf_counter() - t0
-            self.compiled[signature] = executable
-        return executable(*args)
+    def init(self, key_data: np.ndarray, hparams) -> TrainState:
+        """The runs' initial states from host arrays ([R, ...] leaves; unbatched for R = 1),
+        placed like the runs. Compiling the shared `_Initial` counts as this program's."""
+        before = self.initial.compile_seconds
+        if self.num_runs == 1:
+            state = jax.device_put(self.initial("init", key_data, hparams), self.run_sharding)
+        else:
+            state = self("stack", [self.initial("init", key_data[i],
+                                                jax.tree.map(lambda a, i=i: a[i], hparams))
+                                   for i in range(self.num_runs)])
+        self.compile_seconds += self.initial.compile_seconds - before
+        return state
 
 
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_INITIALS: collections.OrderedDict = collections.OrderedDict()
 _MAX_PROGRAMS = 16
 # Each dataset's arrays on the device, per sharding; dropped with the dataset.
 _DEVICE_DATA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _kept(cache: collections.OrderedDict, make: Callable, *static):
+    """`make(*static)`, kept in `cache` (the `_MAX_PROGRAMS` least recently used)."""
+    value = cache.pop(static, None) or make(*static)
+    cache[static] = value
+    while len(cache) > _MAX_PROGRAMS:
+        cache.popitem(last=False)
+    return value
+
+
 def _program(*static) -> _Program:
-    """The (least recently used, at most `_MAX_PROGRAMS`) program of a static setting."""
-    program = _PROGRAMS.pop(static, None) or _Program(*static)
-    _PROGRAMS[static] = program
-    while len(_PROGRAMS) > _MAX_PROGRAMS:
-        _PROGRAMS.popitem(last=False)
-    return program
+    """The program of a static setting (kept, see `_kept`)."""
+    return _kept(_PROGRAMS, _Program, *static)
+
+
+def _initial(*static) -> _Initial:
+    """The initial-state program of a (model, optimizer, image shape) (kept)."""
+    return _kept(_INITIALS, _Initial, *static)
 
 
 def clear_compiled() -> None:
     """Forget every kept program and device copy of a dataset (frees their memory)."""
     _PROGRAMS.clear()
+    _INITIALS.clear()
     _DEVICE_DATA.clear()
 
 
@@ -292,8 +348,8 @@ class _Session:
             hparams = {k: np.stack([v[k] for v in values]) for k in optim.HYPERPARAMS}
         if len(configs) == 1:
             key_data, hparams = key_data[0], jax.tree.map(lambda a: a[0], hparams)
-        self.key_data, hparams = jax.device_put((key_data, hparams), program.run_sharding)
-        self.state = program("init", self.key_data, hparams)
+        self.state = program.init(key_data, hparams)
+        self.key_data = jax.device_put(key_data, program.run_sharding)
 
     def _unstack(self, tree) -> list:
         return [tree] if self.program.num_runs == 1 else self.program("unstack", tree)

@@ -267,6 +267,18 @@ def test_a_second_call_compiles_nothing_and_copies_no_data(monkeypatch):
     assert not np.array_equal(a.step_losses, b.step_losses[:len(a.step_losses)])
 
 
+def test_initial_states_compile_once_for_every_batch_size_and_number_of_runs():
+    data = make_synthetic(num_train=300, num_val=40, seed=9)
+    base = TrainConfig.tiny(batch_size=32, epochs=1, noise_schedule="none", hidden=11)
+    with count_compiles() as first:
+        train(base, data)
+    assert "jit(init)" in first  # the counter sees it
+    with count_compiles() as second:  # another batch size, three runs
+        train_seeds(dataclasses.replace(base, batch_size=16), data, [0, 2, 5])
+    assert "jit(init)" not in second and "jit(stack)" in second, second
+    # That each run of a group starts where it would alone: the vmapped-seeds tests.
+
+
 def test_a_second_call_with_default_measurements_compiles_nothing():
     data = make_synthetic(num_train=300, num_val=40, seed=8)
     base = TrainConfig.tiny(batch_size=32, epochs=1, probe_size=64)
