@@ -146,6 +146,23 @@ class _Initial(_Compiled):
         self.jitted["init"] = jax.jit(init)
 
 
+class _Order(_Compiled):
+    """`order(key_data, epoch) -> perm`: each run's order of the N examples in an epoch,
+    placed like the runs; shared by the programs of every batch size (a segmented epoch's
+    start; the threefry draws make it slow to compile, like `_Initial`)."""
+
+    def __init__(self, num_train, num_runs, devices):
+        super().__init__()
+
+        def order(key_data, epoch_index):
+            key = rng.stream_key(jax.random.wrap_key_data(key_data), "shuffle", epoch_index)
+            return epoch_permutation(key, num_train)
+
+        vmap = jax.vmap if num_runs > 1 else (lambda fn, in_axes: fn)
+        self.jitted["order"] = jax.jit(vmap(order, in_axes=(0, None)),
+                                       out_shardings=seed_shardings(num_runs, devices)[0])
+
+
 class _Program(_Compiled):
     """The jitted functions of one static setting, each compiled on first use and kept.
 
@@ -153,7 +170,7 @@ class _Program(_Compiled):
     method `init` (the shared `_Initial` per run, then `stack`):
       stack(states) -> state: R runs' states stacked on a leading axis, placed like the runs
       epoch(state, x, y, key_data, epoch) -> (state, EpochMetrics): a whole epoch (scan)
-      start(key_data, epoch) -> (perm, EpochMetrics of zeros): a segmented epoch's order
+      zeros() -> EpochMetrics of zeros: a segmented epoch's buffers (its order: `_Order`)
       segment(state, metrics, x, y, perm, start, stop) -> (state, metrics)
       evaluate(params, x, y) -> (mean loss, accuracy)
       unstack(params) -> R pytrees, one per run
@@ -165,6 +182,7 @@ class _Program(_Compiled):
         self.optimizer, self.num_runs = optimizer, num_runs
         self.run_sharding, self.replicated = seed_shardings(num_runs, devices)
         self.initial = _initial(model, optimizer, image_shape)
+        self.order = _kept(_ORDERS, _Order, num_train, num_runs, devices)
         self.seconds_per_step: float | None = None  # the latest measured epoch pace
         step = make_train_step(model, optimizer, loss_fn)
         epoch = make_train_epoch(None, None, num_train, batch_size, unroll, train_step=step)
@@ -176,10 +194,11 @@ class _Program(_Compiled):
             key = rng.stream_key(jax.random.wrap_key_data(key_data), "shuffle", epoch_index)
             return epoch(state, x, y, key)
 
-        def start(key_data, epoch_index):
-            key = rng.stream_key(jax.random.wrap_key_data(key_data), "shuffle", epoch_index)
-            return epoch_permutation(key, num_train), EpochMetrics(
-                jnp.zeros(steps_per_epoch, jnp.float32), jnp.zeros(steps_per_epoch, jnp.int32))
+        metrics_shape = (num_runs, steps_per_epoch) if num_runs > 1 else (steps_per_epoch,)
+
+        def zeros():
+            return EpochMetrics(jnp.zeros(metrics_shape, jnp.float32),
+                                jnp.zeros(metrics_shape, jnp.int32))
 
         def stack(states):
             return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
@@ -191,9 +210,9 @@ class _Program(_Compiled):
             "stack": jax.jit(stack, out_shardings=self.run_sharding),
             "epoch": jax.jit(vmap(run_epoch, in_axes=(0, None, None, 0, None)),
                              donate_argnums=0, compiler_options=options),
-            # Placed like the runs, so that a segment's inputs (the start's buffers, or the
-            # previous segment's) always have the sharding it was compiled for.
-            "start": jax.jit(vmap(start, in_axes=(0, None)), out_shardings=self.run_sharding),
+            # Placed like the runs, so that a segment's inputs (these buffers and the order,
+            # or the previous segment's) always have the sharding it was compiled for.
+            "zeros": jax.jit(zeros, out_shardings=self.run_sharding),
             "segment": jax.jit(vmap(segment, in_axes=(0, 0, None, None, 0, None, None)),
                                donate_argnums=(0, 1), compiler_options=options,
                                out_shardings=self.run_sharding),
@@ -207,6 +226,13 @@ class _Program(_Compiled):
                 lambda params, x, y: jax.lax.map(lambda p: evaluate(p, x, y), params))
         else:
             self.jitted["evaluate"] = jax.jit(vmap(evaluate, in_axes=(0, None, None)))
+
+    def start(self, key_data, epoch: int) -> tuple[jax.Array, EpochMetrics]:
+        """A segmented epoch's order of the examples and its zeroed metrics buffers."""
+        before = self.order.compile_seconds
+        perm = self.order("order", key_data, np.int32(epoch))
+        self.compile_seconds += self.order.compile_seconds - before
+        return perm, self("zeros")
 
     def init(self, key_data: np.ndarray, hparams) -> TrainState:
         """The runs' initial states from host arrays ([R, ...] leaves; unbatched for R = 1),
@@ -224,6 +250,7 @@ class _Program(_Compiled):
 
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _INITIALS: collections.OrderedDict = collections.OrderedDict()
+_ORDERS: collections.OrderedDict = collections.OrderedDict()
 _MAX_PROGRAMS = 16
 # Each dataset's arrays on the device, per sharding; dropped with the dataset.
 _DEVICE_DATA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -252,6 +279,7 @@ def clear_compiled() -> None:
     """Forget every kept program and device copy of a dataset (frees their memory)."""
     _PROGRAMS.clear()
     _INITIALS.clear()
+    _ORDERS.clear()
     _DEVICE_DATA.clear()
 
 
@@ -397,7 +425,7 @@ class _Session:
             self.state, metrics = self._timed("epoch", self.state, self.x_train, self.y_train,
                                               self.key_data, np.int32(epoch))
             return metrics, 0.0
-        perm, metrics = self.program("start", self.key_data, np.int32(epoch))
+        perm, metrics = self.program.start(self.key_data, epoch)
         done, measure_seconds = 0, 0.0
         while done < self.steps_per_epoch:
             stop = min([done + self._segment_length(done), *(c for c in cuts if c > done)])

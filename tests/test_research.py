@@ -267,15 +267,18 @@ def test_a_second_call_compiles_nothing_and_copies_no_data(monkeypatch):
     assert not np.array_equal(a.step_losses, b.step_losses[:len(a.step_losses)])
 
 
-def test_initial_states_compile_once_for_every_batch_size_and_number_of_runs():
+def test_initial_states_and_epoch_orders_compile_once_for_every_batch_size():
     data = make_synthetic(num_train=300, num_val=40, seed=9)
     base = TrainConfig.tiny(batch_size=32, epochs=1, noise_schedule="none", hidden=11)
+    segmented = {"segment_seconds": 1e-6}  # epochs in segments: the order is drawn apart
     with count_compiles() as first:
-        train(base, data)
-    assert "jit(init)" in first  # the counter sees it
-    with count_compiles() as second:  # another batch size, three runs
-        train_seeds(dataclasses.replace(base, batch_size=16), data, [0, 2, 5])
+        train(base, data, **segmented)
+    assert "jit(init)" in first and "jit(order)" in first  # the counter sees them
+    with count_compiles() as second:  # other batch sizes; one run, then three
+        train(dataclasses.replace(base, batch_size=16, seed=5), data, **segmented)
+        train_seeds(dataclasses.replace(base, batch_size=8), data, [0, 2, 5], **segmented)
     assert "jit(init)" not in second and "jit(stack)" in second, second
+    assert second.count("jit(order)") == 1, second  # only for three runs
     # That each run of a group starts where it would alone: the vmapped-seeds tests.
 
 
