@@ -181,7 +181,7 @@ class _Program(_Compiled):
         super().__init__()
         self.optimizer, self.num_runs = optimizer, num_runs
         self.run_sharding, self.replicated = seed_shardings(num_runs, devices)
-        self.initial = _initial(model, optimizer, image_shape)
+        self.initial = _kept(_INITIALS, _Initial, model, optimizer, image_shape)
         self.order = _kept(_ORDERS, _Order, num_train, num_runs, devices)
         self.seconds_per_step: float | None = None  # the latest measured epoch pace
         step = make_train_step(model, optimizer, loss_fn)
@@ -227,25 +227,26 @@ class _Program(_Compiled):
         else:
             self.jitted["evaluate"] = jax.jit(vmap(evaluate, in_axes=(0, None, None)))
 
+    def _shared(self, shared: _Compiled, name: str, *args):
+        """`shared(name, *args)`, its compiling counted as this program's."""
+        before = shared.compile_seconds
+        out = shared(name, *args)
+        self.compile_seconds += shared.compile_seconds - before
+        return out
+
     def start(self, key_data, epoch: int) -> tuple[jax.Array, EpochMetrics]:
         """A segmented epoch's order of the examples and its zeroed metrics buffers."""
-        before = self.order.compile_seconds
-        perm = self.order("order", key_data, np.int32(epoch))
-        self.compile_seconds += self.order.compile_seconds - before
-        return perm, self("zeros")
+        return self._shared(self.order, "order", key_data, np.int32(epoch)), self("zeros")
 
     def init(self, key_data: np.ndarray, hparams) -> TrainState:
         """The runs' initial states from host arrays ([R, ...] leaves; unbatched for R = 1),
-        placed like the runs. Compiling the shared `_Initial` counts as this program's."""
-        before = self.initial.compile_seconds
+        placed like the runs."""
         if self.num_runs == 1:
-            state = jax.device_put(self.initial("init", key_data, hparams), self.run_sharding)
-        else:
-            state = self("stack", [self.initial("init", key_data[i],
-                                                jax.tree.map(lambda a, i=i: a[i], hparams))
-                                   for i in range(self.num_runs)])
-        self.compile_seconds += self.initial.compile_seconds - before
-        return state
+            return jax.device_put(self._shared(self.initial, "init", key_data, hparams),
+                                  self.run_sharding)
+        return self("stack", [self._shared(self.initial, "init", key_data[i],
+                                           jax.tree.map(lambda a, i=i: a[i], hparams))
+                              for i in range(self.num_runs)])
 
 
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
@@ -268,11 +269,6 @@ def _kept(cache: collections.OrderedDict, make: Callable, *static):
 def _program(*static) -> _Program:
     """The program of a static setting (kept, see `_kept`)."""
     return _kept(_PROGRAMS, _Program, *static)
-
-
-def _initial(*static) -> _Initial:
-    """The initial-state program of a (model, optimizer, image shape) (kept)."""
-    return _kept(_INITIALS, _Initial, *static)
 
 
 def clear_compiled() -> None:

@@ -23,8 +23,9 @@ os.environ["KERAS_HOME"] = os.path.join(__file__, "keras")
 
 import jax  # noqa: E402
 
+from sweeputil import load_script  # noqa: E402
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
-if os.environ["BATCHJAX_COMPILE_CACHE"].strip().lower() not in ("", "none"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["BATCHJAX_COMPILE_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_enable_compilation_cache", True)
+# The sweep script's own settings, for the programs compiled in this process too.
+_sweep = load_script("sweep")
+_sweep.enable_compile_cache(_sweep.compile_cache_dir())
