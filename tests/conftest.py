@@ -2,7 +2,8 @@
 compilation cache for the session (in a temporary directory, never ~/.cache).
 
 The cache: programs that several tests, or the sweeps they start in subprocesses, build alike
-compile once (a fresh checkout's suite is ~10% faster). JAX's backend-compile event, which
+compile once (a fresh checkout's suite is ~10% faster). The worker processes of pytest-xdist
+(pyproject's addopts) share it: without that, each would compile what the other has. JAX's backend-compile event, which
 `tests/compiles.py` counts, fires for a program loaded from the cache too, so "compiles
 nothing" still means nothing was compiled or loaded. A test that needs a cold compilation gives
 its sweep `--compile-cache none`.
@@ -14,9 +15,11 @@ import shutil
 import tempfile
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-SESSION_CACHE = tempfile.mkdtemp(prefix="batchjax-tests-xla-")
-atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
-os.environ.setdefault("BATCHJAX_COMPILE_CACHE", SESSION_CACHE)
+if "BATCHJAX_COMPILE_CACHE" not in os.environ:
+    # Made by the first process that imports this file: the one of `pytest`, whose test
+    # worker processes (pytest-xdist) inherit the variable, use the same cache and leave it.
+    os.environ["BATCHJAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="batchjax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["BATCHJAX_COMPILE_CACHE"], ignore_errors=True)
 # No test may find or fill a real Keras cache (~/.keras/datasets/mnist.npz, which "auto"
 # would load): a path under this file holds nothing and cannot be written to.
 os.environ["KERAS_HOME"] = os.path.join(__file__, "keras")
