@@ -36,6 +36,7 @@ Usage:
   python scripts/bench.py                      # everything that is installed, ~20 minutes
   python scripts/bench.py --quick              # fewer repeats, no peers, no sweep
   python scripts/bench.py --no-sweep           # everything but the ~3-minute sweep rows
+  python scripts/bench.py --only noise         # the gradient statistics against BackPACK
   python scripts/bench.py --json bench.json    # where the table is written as JSON
 """
 
@@ -200,6 +201,7 @@ def worker_grid(batch_size, rates, seeds, repeats, num_train, cpu_devices=1):
             "runs": len(grid), "devices": len(jax.devices())}
 
 
+SECTIONS = ("epochs", "grid", "second-call", "noise", "sweep")
 WORKERS = {"scan": worker_scan, "loop": worker_loop, "noise": worker_noise,
            "noise_params": worker_noise_params, "second_call": worker_second_call,
            "grid": worker_grid}
@@ -348,6 +350,10 @@ def main(argv=None):
     ap.add_argument("--no-grid", action="store_true",
                     help="skip the learning-rate grid rows (6 rates x 3 seeds against one run)")
     ap.add_argument("--quick", action="store_true", help="2 repeats, 1 round, no peers, no sweep")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help="comma-separated sections to run, of " + ", ".join(SECTIONS)
+                         + " (e.g. --only noise: the gradient statistics and their PyTorch "
+                           "peers, a few minutes)")
     ap.add_argument("--json", default="bench.json", help="output JSON path")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -363,6 +369,10 @@ def main(argv=None):
 
     if args.quick:
         args.repeats, args.rounds, args.no_peers, args.no_sweep = 2, 1, True, True
+    sections = set(args.only.split(","))
+    if not sections <= set(SECTIONS):
+        ap.error(f"--only: unknown section(s) {', '.join(sorted(sections - set(SECTIONS)))}; "
+                 f"choose from {', '.join(SECTIONS)}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     seed_counts = [int(s) for s in args.seeds.split(",")]
     n = args.num_train
@@ -384,7 +394,7 @@ def main(argv=None):
             peers.append(("torch", lambda b: run_peer(torch, peers_dir / "torch_loop.py", b,
                                                       args.peer_epochs, args=("--threads", "1"))))
 
-    for b in batch_sizes:
+    for b in batch_sizes if "epochs" in sections else ():
         # batchjax's epoch runs `rounds` times in fresh processes, alternating with the peers
         # of the same batch size, and the median process counts: slow spells of a shared
         # machine then hit both sides of a ratio alike.
@@ -410,7 +420,7 @@ def main(argv=None):
                     rows[f"seeds{s}x{cores}dev/{b}"] = median_run(
                         [run_worker("scan", b, s, epochs, n, cores) for _ in range(args.rounds)],
                         "per_seed_epoch_s")
-    for b in [] if args.no_grid else batch_sizes:
+    for b in [] if args.no_grid or "grid" not in sections else batch_sizes:
         cores = os.cpu_count() or 1
         for devices in sorted({1, cores}):
             log(f"batch size {b}: a grid of {GRID_RATES} rates x {GRID_SEEDS} seeds on "
@@ -418,18 +428,23 @@ def main(argv=None):
             rows[f"grid{devices}dev/{b}"] = median_run(
                 [run_worker("grid", b, GRID_RATES, GRID_SEEDS, args.repeats, n, devices)
                  for _ in range(args.rounds)], "ratio")
-    b = max(batch_sizes)
-    log(f"a second train() call at B = {b} x{args.rounds} ...")
-    rows[f"second_call/{b}"] = median_run(
-        [run_worker("second_call", b, n) for _ in range(args.rounds)], "ratio")
+    if "second-call" in sections:
+        b = max(batch_sizes)
+        log(f"a second train() call at B = {b} x{args.rounds} ...")
+        rows[f"second_call/{b}"] = median_run(
+            [run_worker("second_call", b, n) for _ in range(args.rounds)], "ratio")
     # The PyTorch noise peers need torch and backpack-for-pytorch (benchmarks/peers).
     torch_python = None if args.no_peers else find_python(
         args.torch_python, "BATCHJAX_TORCH_PYTHON", ".peer-torch")
     with tempfile.TemporaryDirectory(prefix="batchjax-bench-noise-") as tmp:
+        if "noise" not in sections:
+            torch_python, noise_rows = None, ()
+        else:
+            noise_rows = NOISE_ROWS
         params_path = Path(tmp) / "params.npz"
         if torch_python:
             run_worker("noise_params", params_path)
-        for name, method, elementwise in NOISE_ROWS:
+        for name, method, elementwise in noise_rows:
             log(f"noise statistics: {name} ...")
             runs = args.rounds if method == "dense" else 1
             peer = {"dense": "backpack_variance", "dense-traces": "backpack_l2"}.get(name)
@@ -446,7 +461,7 @@ def main(argv=None):
             log("noise statistics: torch.func ...")
             rows["noise/torch_func"] = run_noise_peer(torch_python, "torch_func", params_path, 0,
                                                       n)
-    if not args.no_sweep:
+    if not args.no_sweep and "sweep" in sections:
         log("the default sweep, end to end: empty, then warm compilation cache ...")
         for label, row in run_sweep_end_to_end().items():
             rows[f"sweep/{label}"] = row
@@ -470,10 +485,8 @@ def main(argv=None):
     return 0
 
 
-def render(rows, batch_sizes, seed_counts, meta):
-    def get(key, field="epoch_s"):
-        return rows.get(key, {}).get(field)
-
+def epoch_tables(rows, batch_sizes, seed_counts, meta, get):
+    """The epoch-seconds and vmapped-seeds tables (Markdown lines)."""
     lines = [f"## Epoch seconds, 60,000 train + 10,000 validation ({meta.get('cpu_model', meta['machine'])},"
              f" {meta['cpus']} CPUs, jax {meta['jax']}; medians of {meta['repeats']} epochs; batchjax: the "
              f"median of {meta.get('rounds', 1)} processes, alternating with the peers)", "",
@@ -502,18 +515,34 @@ def render(rows, batch_sizes, seed_counts, meta):
         best = min((v for v in vals[1:] if v), default=None)
         speedup = f"{vals[0] / best:.2f}x" if vals[0] and best else "-"
         lines.append(f"| {b} | " + " | ".join(fmt(v) for v in vals) + f" | {speedup} |")
+    return lines
+
+
+def render(rows, batch_sizes, seed_counts, meta):
+    def get(key, field="epoch_s"):
+        return rows.get(key, {}).get(field)
+
+    cores = meta["cpus"]
+    lines = []
+    epoch_rows = ("scan", "loop", "keras_tensorflow", "keras_jax", "torch")
+    if any(k.split("/")[0] in epoch_rows or k.startswith("seeds") for k in rows):
+        lines += epoch_tables(rows, batch_sizes, seed_counts, meta, get)
+    else:  # the machine, which the epoch table's heading names otherwise
+        lines += [f"Machine: {meta.get('cpu_model', meta['machine'])}, {meta['cpus']} CPUs, "
+                  f"jax {meta['jax']}, {meta['date']}"]
     lines += render_grid(rows, batch_sizes, cores)
     epoch = get(f"scan/{max(batch_sizes)}")
-    lines += ["", "## Gradient statistics over all training examples", "",
-              f"| path | seconds | examples/s | x one B = {max(batch_sizes)} epoch | peak MiB |",
-              "|---|---|---|---|---|"]
-    for name, _, _ in NOISE_ROWS:
-        r = rows.get(f"noise/{name}", {})
-        if not r:
-            continue
-        ratio = f"{r['seconds'] / epoch:.2f}" if r.get("seconds") and epoch else "-"
-        lines.append(f"| {NOISE_LABELS[name]} | {fmt(r.get('seconds'))} | "
-                     f"{fmt(r.get('examples_per_s'), 0)} | {ratio} | {fmt(r.get('peak_mib'), 0)} |")
+    if any(f"noise/{name}" in rows for name, _, _ in NOISE_ROWS):
+        lines += ["", "## Gradient statistics over all training examples", "",
+                  f"| path | seconds | examples/s | x one B = {max(batch_sizes)} epoch | peak MiB |",
+                  "|---|---|---|---|---|"]
+        for name, _, _ in NOISE_ROWS:
+            r = rows.get(f"noise/{name}", {})
+            if not r:
+                continue
+            ratio = f"{r['seconds'] / epoch:.2f}" if r.get("seconds") and epoch else "-"
+            lines.append(f"| {NOISE_LABELS[name]} | {fmt(r.get('seconds'))} | "
+                         f"{fmt(r.get('examples_per_s'), 0)} | {ratio} | {fmt(r.get('peak_mib'), 0)} |")
     second = rows.get(f"second_call/{max(batch_sizes)}", {})
     if "ratio" in second:
         lines += ["", f"## A second `train()` call: one epoch at B = {max(batch_sizes)}, another "
@@ -528,7 +557,7 @@ def render(rows, batch_sizes, seed_counts, meta):
     errors = [f"- {k}: {v['error']}" for k, v in rows.items() if "error" in v]
     if errors:
         lines += ["", "Failed measurements:", *errors]
-    return "\n".join(lines)
+    return "\n".join(lines).lstrip("\n")
 
 
 def render_grid(rows, batch_sizes, cores):
