@@ -2,7 +2,7 @@
 
 import importlib.util
 import pathlib
-import signal
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Fields that differ between two runs of the same numbers.
@@ -21,9 +21,15 @@ def load_script(name):
     return module
 
 
-def as_at_a_terminal():
-    """A subprocess's `preexec_fn`: SIGINT handled as in a terminal's foreground job. A shell
-    starts background jobs with SIGINT ignored and children inherit that, and the sweep (like
-    any well-behaved program) leaves an ignored SIGINT ignored; the tests that send it must not
-    depend on how pytest itself was started."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def at_a_terminal(script, *args):
+    """The command that runs `script` with SIGINT handled as in a terminal's foreground job.
+
+    A shell starts background jobs with SIGINT ignored and children inherit that, and the sweep
+    (like any well-behaved program) leaves an ignored SIGINT ignored; the tests that send it
+    must not depend on how pytest itself was started. The child restores the handler itself
+    before it runs the script (a `preexec_fn` would run Python between fork and exec, which JAX's
+    threads in the test process make unsafe).
+    """
+    restore = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", restore, str(script), *map(str, args)]

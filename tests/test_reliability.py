@@ -38,7 +38,7 @@ from batchjax.memory import (MemoryEstimate, estimate_memory, format_bytes, plan
                              split_groups)
 from batchjax.results import load_sweep
 from batchjax.sweep import run_sweep
-from sweeputil import as_at_a_terminal
+from sweeputil import at_a_terminal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "sweep.py")
@@ -57,9 +57,8 @@ class Sweep:
     """`scripts/sweep.py` in a subprocess, its stderr lines collected as they come."""
 
     def __init__(self, *args, env=ENV):
-        self.proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env,
-                                     preexec_fn=as_at_a_terminal)
+        self.proc = subprocess.Popen(at_a_terminal(SCRIPT, *args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self.stdout = ""
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -27,7 +27,7 @@ from batchjax.losses import cross_entropy
 from batchjax.model import MLP
 from batchjax.results import load_sweep
 from batchjax.sweep import _Console, run_sweep
-from sweeputil import ROOT, TIMING_KEYS, Stop, as_at_a_terminal, load_script
+from sweeputil import ROOT, TIMING_KEYS, Stop, at_a_terminal, load_script
 
 CONFIG = TrainConfig.tiny(epochs=2)  # hidden 16
 BATCH_SIZES, SEEDS = [16, 64], [0, 1]
@@ -369,8 +369,8 @@ def test_a_signal_keeps_finished_runs_and_resume_matches_an_uninterrupted_sweep(
     argv = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--dataset", "mnist-5k",
             "--batch-sizes", "32,64", "--epochs", "1", "--seeds", "2", "--hidden", "16",
             "--noise-every", "none", "--no-sharpness", "--out", str(out), "--no-figures"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=as_at_a_terminal)
+    proc = subprocess.Popen(at_a_terminal(*argv[1:]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     first = out / "bs00032_seed1" / "metrics.json"
     deadline = time.monotonic() + 60
     while not first.exists():
