@@ -433,34 +433,31 @@ def main(argv=None):
         log(f"a second train() call at B = {b} x{args.rounds} ...")
         rows[f"second_call/{b}"] = median_run(
             [run_worker("second_call", b, n) for _ in range(args.rounds)], "ratio")
-    # The PyTorch noise peers need torch and backpack-for-pytorch (benchmarks/peers).
-    torch_python = None if args.no_peers else find_python(
-        args.torch_python, "BATCHJAX_TORCH_PYTHON", ".peer-torch")
-    with tempfile.TemporaryDirectory(prefix="batchjax-bench-noise-") as tmp:
-        if "noise" not in sections:
-            torch_python, noise_rows = None, ()
-        else:
-            noise_rows = NOISE_ROWS
-        params_path = Path(tmp) / "params.npz"
-        if torch_python:
-            run_worker("noise_params", params_path)
-        for name, method, elementwise in noise_rows:
-            log(f"noise statistics: {name} ...")
-            runs = args.rounds if method == "dense" else 1
-            peer = {"dense": "backpack_variance", "dense-traces": "backpack_l2"}.get(name)
-            ours, theirs = [], []
-            for _ in range(runs):  # alternating, as for the epochs
-                ours.append(run_worker("noise", method, args.repeats, n, elementwise))
-                if torch_python and peer:
-                    theirs.append(run_noise_peer(torch_python, peer, params_path, args.repeats,
-                                                 n))
-            rows[f"noise/{name}"] = median_run(ours, "seconds")
-            if theirs:
-                rows[f"noise/{peer}"] = median_run(theirs, "seconds")
-        if torch_python:
-            log("noise statistics: torch.func ...")
-            rows["noise/torch_func"] = run_noise_peer(torch_python, "torch_func", params_path, 0,
-                                                      n)
+    if "noise" in sections:
+        # The PyTorch noise peers need torch and backpack-for-pytorch (benchmarks/peers).
+        torch_python = None if args.no_peers else find_python(
+            args.torch_python, "BATCHJAX_TORCH_PYTHON", ".peer-torch")
+        with tempfile.TemporaryDirectory(prefix="batchjax-bench-noise-") as tmp:
+            params_path = Path(tmp) / "params.npz"
+            if torch_python:
+                run_worker("noise_params", params_path)
+            for name, method, elementwise in NOISE_ROWS:
+                log(f"noise statistics: {name} ...")
+                runs = args.rounds if method == "dense" else 1
+                peer = {"dense": "backpack_variance", "dense-traces": "backpack_l2"}.get(name)
+                ours, theirs = [], []
+                for _ in range(runs):  # alternating, as for the epochs
+                    ours.append(run_worker("noise", method, args.repeats, n, elementwise))
+                    if torch_python and peer:
+                        theirs.append(run_noise_peer(torch_python, peer, params_path,
+                                                     args.repeats, n))
+                rows[f"noise/{name}"] = median_run(ours, "seconds")
+                if theirs:
+                    rows[f"noise/{peer}"] = median_run(theirs, "seconds")
+            if torch_python:
+                log("noise statistics: torch.func ...")
+                rows["noise/torch_func"] = run_noise_peer(torch_python, "torch_func",
+                                                          params_path, 0, n)
     if not args.no_sweep and "sweep" in sections:
         log("the default sweep, end to end: empty, then warm compilation cache ...")
         for label, row in run_sweep_end_to_end().items():

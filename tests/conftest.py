@@ -3,10 +3,10 @@ compilation cache for the session (in a temporary directory, never ~/.cache).
 
 The cache: programs that several tests, or the sweeps they start in subprocesses, build alike
 compile once (a fresh checkout's suite is ~10% faster). The worker processes of pytest-xdist
-(pyproject's addopts) share it: without that, each would compile what the other has. JAX's backend-compile event, which
-`tests/compiles.py` counts, fires for a program loaded from the cache too, so "compiles
-nothing" still means nothing was compiled or loaded. A test that needs a cold compilation gives
-its sweep `--compile-cache none`.
+(pyproject's addopts) share it: without that, each would compile what the other has. JAX's
+backend-compile event, which `tests/compiles.py` counts, fires for a program loaded from the
+cache too, so "compiles nothing" still means nothing was compiled or loaded. A test that needs
+a cold compilation gives its sweep `--compile-cache none`.
 """
 
 import atexit
