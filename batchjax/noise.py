@@ -45,7 +45,7 @@ Nothing forms E|g|^2 - |G|^2, whose float32 rounding error relative to Var grows
 eps * G^2 / Var (it loses every digit for near-identical examples; see the tests). Chunks that
 do not divide N need no padding: the last window is shifted back to end at example N and the
 examples it re-reads are masked out (weight 0), so every chunk has one shape and the whole
-pass one compilation.
+pass one compilation (a second, once, for data that need the dense path's shift, below).
 
 Two ways to get a chunk's (n_c, m_c, M2_c):
   * "vmap": materialise the chunk's per-example gradients (as `per_example_grads`; any model
@@ -54,13 +54,14 @@ Two ways to get a chunk's (n_c, m_c, M2_c):
     without biases; every parameter in one of them and each called once per forward pass on
     [batch, features] inputs; any activations or other parameter-free, row-wise operations
     between them; any per-example loss), recognised from the model itself (`dense_layers`).
-    No per-example gradient is formed. A Dense layer with inputs a_i and pre-activation gradients delta_i = d l_i / d z_i
-    (z = a K + b its output; one forward pass and one vjp of sum_i l_i per chunk, the deltas
-    read off zero perturbations added to every z) has g_i = a_i delta_i^T for the kernel and
-    delta_i for the bias, so |g_i|^2 = |a_i|^2 |delta_i|^2 (Goodfellow 2015,
-    arXiv:1510.01799) and sums of squares are matrix products ((a^2)^T (delta^2), BackPACK's
-    SumGradSquared). The sums are taken about a shift s = a~ d_bar^T (d_bar the chunk mean of
-    delta; a~ see below): with alpha_i = a_i - a~ and beta_i = delta_i - d_bar,
+    No per-example gradient is formed. A Dense layer with inputs a_i and pre-activation
+    gradients delta_i = d l_i / d z_i (z = a K + b its output; one forward pass and one vjp
+    of sum_i l_i per chunk, the deltas read off zero perturbations added to every z) has
+    g_i = a_i delta_i^T for the kernel and delta_i for the bias, so |g_i|^2 =
+    |a_i|^2 |delta_i|^2 (Goodfellow 2015, arXiv:1510.01799) and sums of squares are matrix
+    products ((a^2)^T (delta^2), BackPACK's SumGradSquared). The sums are taken about a shift
+    s = a~ d_bar^T (d_bar the chunk mean of delta; a~ see below): with alpha_i = a_i - a~
+    and beta_i = delta_i - d_bar,
     g_i - s = alpha_i delta_i^T + a~ beta_i^T, so, exactly for any a~,
         m   = a~ d_bar^T + alpha^T delta / n,
         M2  = (alpha^2)^T (delta^2) + 2 a~ * alpha^T (delta * beta)
@@ -71,10 +72,13 @@ Two ways to get a chunk's (n_c, m_c, M2_c):
     chunk (mean^2 > 64 variance) a~_p is their value in one of the chunk's examples: what the
     examples share then cancels exactly before anything is squared, and the relative error of
     Var_j is O(eps |G_j| / std_j), the rounding of the inputs and deltas themselves (which the
-    vmap path shares), instead of O(eps G_j^2 / Var_j). Cost per chunk: the forward pass, the
-    backward pass to the deltas, and per layer two [n, D]^T [n, H] products (three if some
-    input is nearly constant). The traces alone (`elementwise=False`) need only alpha^T delta:
-    summed over the layer, the squares are per-example scalars,
+    vmap path shares), instead of O(eps G_j^2 / Var_j). A call takes the plain sums (a~ = 0)
+    first and checks them: where some sum of squares exceeds 64 times its M2 (more than 6 of
+    float32's 24 bits cancelled), it computes its chunks again about the shift. Cost per
+    chunk: the forward pass, the backward pass to the deltas, and per layer two [n, D]^T
+    [n, H] products (three if some input is nearly constant). The traces alone
+    (`elementwise=False`) need only alpha^T delta: summed over the layer, the squares are
+    per-example scalars,
         sum_j M2_j = sum_i (|alpha_i|^2 |delta_i|^2 + 2 (alpha_i . a~)(delta_i . beta_i)
                      + |a~|^2 |beta_i|^2) - |alpha^T delta + a~ (sum_i beta_i)^T|^2 / n,
     the same shift and the same rounding argument, at the cost of a training epoch's products
@@ -399,10 +403,12 @@ class _Moments(NamedTuple):
     loss_sum: Any  # sum_i l_i
 
 
-# Inputs with mean^2 > _SHIFT_RATIO * variance are shifted (see `_dense_layer_moments`); the
-# decision looks at every _SHIFT_STRIDE-th example only.
+# Inputs with mean^2 > _SHIFT_RATIO * variance are shifted (see `_shifted_layer_moments`);
+# the decision looks at every _SHIFT_STRIDE-th example only.
 _SHIFT_RATIO = 64
 _SHIFT_STRIDE = 16
+# A call keeps the plain sums unless some sum of squares exceeds this many times its M2.
+_PLAIN_RATIO = 64
 
 
 def _centred_moments(v_CxP, w_C, count):
@@ -415,8 +421,7 @@ def _centred_moments(v_CxP, w_C, count):
     return mean_P, w_C @ jnp.square(v_CxP - mean_P[None, :])
 
 
-def _vmap_chunk_moments(params, x_C, y_C, w_C, *, loss: _Loss, plan, elementwise) -> _Moments:
-    del plan
+def _vmap_chunk_moments(params, x_C, y_C, w_C, *, loss: _Loss, elementwise) -> _Moments:
     losses_C, grads = jax.vmap(jax.value_and_grad(_example_loss(loss.example_losses)),
                                in_axes=(None, 0, 0))(params, x_C, y_C)
     count = jnp.maximum(jnp.sum(w_C), 1)
@@ -428,7 +433,25 @@ def _vmap_chunk_moments(params, x_C, y_C, w_C, *, loss: _Loss, plan, elementwise
     return _Moments(jnp.sum(w_C), mean, m2, jnp.sum(w_C * losses_C))
 
 
-def _dense_layer_moments(a_CxD, d_CxH, w_C, count, elementwise):
+def _plain_layer_moments(a_CxD, d_CxH, w_C, count, elementwise):
+    """`_shifted_layer_moments` with a~ = 0 (the plain sums of squares minus n m^2), and
+    whether they cancelled: a sum of squares above `_PLAIN_RATIO` times its M2 (for a weight,
+    or with `elementwise` False for the layer's kernel), so that more than log2(_PLAIN_RATIO)
+    of float32's bits may be lost.
+    """
+    # Rows of delta for masked examples are zero, so products with delta need no mask.
+    d_bar_H, beta_sq_H = _centred_moments(d_CxH, w_C, count)
+    sum_DxH = a_CxD.T @ d_CxH
+    if elementwise:
+        sq = jnp.square(a_CxD).T @ jnp.square(d_CxH)
+        m2 = sq - jnp.square(sum_DxH) / count
+    else:
+        sq = jnp.sum(jnp.square(d_CxH), axis=1) @ jnp.sum(jnp.square(a_CxD), axis=1)
+        m2, beta_sq_H = sq - jnp.sum(jnp.square(sum_DxH)) / count, jnp.sum(beta_sq_H)
+    return (sum_DxH / count, m2, d_bar_H, beta_sq_H), jnp.any(sq > _PLAIN_RATIO * m2)
+
+
+def _shifted_layer_moments(a_CxD, d_CxH, w_C, count, elementwise):
     """Kernel and bias moments of one Dense layer about the shift s = a~ d_bar^T (see top).
 
     a~_p is input p of a reference example (the chunk's last) where that input is nearly
@@ -437,7 +460,7 @@ def _dense_layer_moments(a_CxD, d_CxH, w_C, count, elementwise):
     condition number 1 + GSNR and give exact zeros for weights whose every g_i is 0. Any
     shift is exact in exact arithmetic; the choice only decides where rounding goes (an
     example rather than the mean: no extra pass over the [C, D] inputs). A chunk with no
-    nearly constant input skips the product that only the shift needs.
+    nearly constant input takes the plain sums.
 
     With `elementwise` False, M2 is summed over the layer's kernel (and bias) in the chunk:
     |g_i - s|^2 = |alpha_i|^2 |delta_i|^2 + 2 (alpha_i . a~)(delta_i . beta_i)
@@ -446,8 +469,7 @@ def _dense_layer_moments(a_CxD, d_CxH, w_C, count, elementwise):
     Returns:
       (kernel mean, kernel M2, bias mean, bias M2); the M2s summed without `elementwise`.
     """
-    # Rows of delta for masked examples are zero, so products with delta need no mask. The
-    # subsample runs back from the last row, which is never masked.
+    # The subsample runs back from the last row, which is never masked.
     w_S, a_SxD = w_C[::-_SHIFT_STRIDE], a_CxD[::-_SHIFT_STRIDE]
     sub_count = jnp.maximum(jnp.sum(w_S), 1)
     a_bar_D = (w_S @ a_SxD) / sub_count
@@ -491,19 +513,27 @@ def _dense_layer_moments(a_CxD, d_CxH, w_C, count, elementwise):
     return kernel_mean, kernel_m2, d_bar_H, beta_sq_H
 
 
-def _dense_chunk_moments(params, x_C, y_C, w_C, *, loss: _Loss, plan,
-                         elementwise) -> _Moments:
+def _dense_chunk_moments(params, x_C, y_C, w_C, *, loss: _Loss, plan, elementwise,
+                         shifted) -> tuple[_Moments, jax.Array]:
+    """A chunk's moments, plain (`shifted` False) or about the shift; and whether the plain sums
+    of some layer cancelled (`_plain_layer_moments`; always False when `shifted`)."""
     inputs, deltas, losses_C = _dense_inputs_and_deltas(params, x_C, y_C, w_C, loss, plan)
     count = jnp.maximum(jnp.sum(w_C), 1)
     num_leaves = len(jax.tree.leaves(params))
     mean, m2 = [None] * num_leaves, [None] * num_leaves
+    needs_shift = jnp.zeros((), bool)
     for layer, a_CxD, d_CxH in zip(plan, inputs, deltas):
-        k_mean, k_m2, b_mean, b_m2 = _dense_layer_moments(a_CxD, d_CxH, w_C, count,
-                                                          elementwise)
+        if shifted:
+            layer_moments = _shifted_layer_moments(a_CxD, d_CxH, w_C, count, elementwise)
+        else:
+            layer_moments, cancelled = _plain_layer_moments(a_CxD, d_CxH, w_C, count,
+                                                            elementwise)
+            needs_shift = needs_shift | cancelled
+        k_mean, k_m2, b_mean, b_m2 = layer_moments
         mean[layer.kernel], m2[layer.kernel] = k_mean, k_m2
         if layer.bias >= 0:
             mean[layer.bias], m2[layer.bias] = b_mean, b_m2
-    return _Moments(jnp.sum(w_C), mean, m2, jnp.sum(w_C * losses_C))
+    return _Moments(jnp.sum(w_C), mean, m2, jnp.sum(w_C * losses_C)), needs_shift
 
 
 def _window(x_N, y_N, start, size, dtype):
@@ -556,30 +586,38 @@ def _merge_on_device(acc: _Moments, new: _Moments) -> _Moments:
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "loss", "plan", "chunk_size",
-                                             "num_windows", "elementwise"))
+                                             "num_windows", "elementwise", "shifted"))
 def _window_moments(params, x_N, y_N, first, *, kind, loss, plan, chunk_size, num_windows,
-                    elementwise) -> _Moments:
+                    elementwise, shifted=False) -> tuple[_Moments, jax.Array]:
     """The moments of `num_windows` chunks from example `first` on, in one call: a scan over
-    the windows that merges each chunk into the running moments (`_merge_on_device`).
+    the windows that merges each chunk into the running moments (`_merge_on_device`); and
+    whether the plain sums of some chunk cancelled (dense path, `shifted` False only).
 
-    Windows that start at or after N are wholly masked (count 0).
+    Windows that start at or after N are wholly masked (count 0). The dense path takes the
+    plain sums unless `shifted`; a call whose plain sums cancelled is made again with
+    `shifted` (about the shift, per chunk where some input is nearly constant), so the shift's
+    extra work and its per-chunk `lax.cond` are paid for, and compiled, only where needed.
     """
-    dtype = jax.tree.leaves(params)[0].dtype
-    chunk_fn = functools.partial({"dense": _dense_chunk_moments,
-                                  "vmap": _vmap_chunk_moments}[kind],
-                                 loss=loss, plan=plan, elementwise=elementwise)
-
-    def moments_at(start):
-        x_C, y_C, w_C = _window(x_N, y_N, start, chunk_size, dtype)
-        return chunk_fn(params, x_C, y_C, w_C)
-
     leaves = jax.tree.leaves(params)
+    dtype = leaves[0].dtype
+    if kind == "vmap":
+        vmap_fn = functools.partial(_vmap_chunk_moments, loss=loss, elementwise=elementwise)
+        chunk_fn = lambda *chunk: (vmap_fn(*chunk), jnp.zeros((), bool))  # noqa: E731
+    else:
+        chunk_fn = functools.partial(_dense_chunk_moments, loss=loss, plan=plan,
+                                     elementwise=elementwise, shifted=shifted)
+
+    def step(carry, start):
+        acc, cancelled = carry
+        moments, chunk_cancelled = chunk_fn(params, *_window(x_N, y_N, start, chunk_size,
+                                                              dtype))
+        return (_merge_on_device(acc, moments), cancelled | chunk_cancelled), None
+
     zero = jnp.zeros((), dtype)
     zeros = _Moments(zero, [jnp.zeros_like(p) for p in leaves],
                      [jnp.zeros_like(p) if elementwise else zero for p in leaves], zero)
     starts = first + chunk_size * jnp.arange(num_windows, dtype=jnp.int32)
-    return lax.scan(lambda acc, start: (_merge_on_device(acc, moments_at(start)), None),
-                    zeros, starts)[0]
+    return lax.scan(step, (zeros, jnp.zeros((), bool)), starts)[0]
 
 
 def _chan_merge(acc: _Moments | None, new: _Moments) -> _Moments:
@@ -819,10 +857,20 @@ def gradient_stats(params: Params, x: Any, y: Any, *, model: nn.Module | None = 
     window_moments = functools.partial(_window_moments, params, x_N, y_N, kind=method,
                                        loss=loss, plan=plan, chunk_size=chunk,
                                        num_windows=per_call, elementwise=elementwise)
-    # The first example of each call is put on the device explicitly: the only transfer of a
-    # call on jax arrays (see the tests' transfer guard).
-    call = lambda start: window_moments(jax.device_put(np.int32(start)))  # noqa: E731
-    moments = _stream(call, num_calls * per_call * chunk, per_call * chunk, _chan_merge)
+
+    def call(start):
+        # The first example of each call is put on the device explicitly: the only transfer
+        # of a call on jax arrays (see the tests' transfer guard).
+        first = jax.device_put(np.int32(start))
+        return first, window_moments(first)
+
+    def merge(acc, out):
+        first, (moments, cancelled) = out
+        if cancelled:  # rare (nearly identical examples, constant inputs): about the shift
+            moments, _ = window_moments(first, shifted=True)
+        return _chan_merge(acc, moments)
+
+    moments = _stream(call, num_calls * per_call * chunk, per_call * chunk, merge)
     return _stats_from_moments(moments, jax.tree.structure(params), _leaf_names(params), method,
                                elementwise)
 
