@@ -459,8 +459,9 @@ def _shifted_layer_moments(a_CxD, d_CxH, w_C, count, elementwise):
     cancel, and 0 elsewhere (e.g. MNIST pixels, relu outputs), where the plain sums have
     condition number 1 + GSNR and give exact zeros for weights whose every g_i is 0. Any
     shift is exact in exact arithmetic; the choice only decides where rounding goes (an
-    example rather than the mean: no extra pass over the [C, D] inputs). A chunk with no
-    nearly constant input takes the plain sums.
+    example rather than the mean: no extra pass over the [C, D] inputs). Only calls whose
+    plain sums cancelled come here (`_window_moments`), so there is no branch for chunks
+    that need no shift: a~ = 0 gives alpha = a exactly and the plain sums.
 
     With `elementwise` False, M2 is summed over the layer's kernel (and bias) in the chunk:
     |g_i - s|^2 = |alpha_i|^2 |delta_i|^2 + 2 (alpha_i . a~)(delta_i . beta_i)
@@ -479,27 +480,16 @@ def _shifted_layer_moments(a_CxD, d_CxH, w_C, count, elementwise):
     d_bar_H, beta_sq_H = _centred_moments(d_CxH, w_C, count)
     beta_CxH = w_C[:, None] * (d_CxH - d_bar_H[None, :])
     hidden = d_CxH.shape[1]
-    d_sq_C = jnp.sum(jnp.square(d_CxH), axis=1)
-
-    def plain(_):
-        if not elementwise:
-            return (a_CxD.T @ d_CxH, d_sq_C @ jnp.sum(jnp.square(a_CxD), axis=1),
-                    jnp.zeros((), a_CxD.dtype))
-        return (a_CxD.T @ d_CxH, jnp.square(a_CxD).T @ jnp.square(d_CxH),
-                jnp.zeros((a_CxD.shape[1], hidden), a_CxD.dtype))
-
-    def shifted(_):
-        alpha_CxD = a_CxD - a_shift_D[None, :]
-        if not elementwise:
-            cross = jnp.sum(d_CxH * beta_CxH, axis=1) @ (alpha_CxD @ a_shift_D)
-            return (alpha_CxD.T @ d_CxH, d_sq_C @ jnp.sum(jnp.square(alpha_CxD), axis=1),
-                    cross)
+    alpha_CxD = a_CxD - a_shift_D[None, :]
+    if elementwise:
         # One product for alpha^T delta and alpha^T (delta * beta): one pass over alpha.
         both_Dx2H = alpha_CxD.T @ jnp.concatenate([d_CxH, d_CxH * beta_CxH], axis=1)
-        return (both_Dx2H[:, :hidden], jnp.square(alpha_CxD).T @ jnp.square(d_CxH),
-                both_Dx2H[:, hidden:])
-
-    ad_DxH, sq, cross = jax.lax.cond(jnp.any(needs_shift_D), shifted, plain, None)
+        ad_DxH, cross = both_Dx2H[:, :hidden], both_Dx2H[:, hidden:]
+        sq = jnp.square(alpha_CxD).T @ jnp.square(d_CxH)
+    else:
+        ad_DxH = alpha_CxD.T @ d_CxH
+        cross = jnp.sum(d_CxH * beta_CxH, axis=1) @ (alpha_CxD @ a_shift_D)
+        sq = jnp.sum(jnp.square(d_CxH), axis=1) @ jnp.sum(jnp.square(alpha_CxD), axis=1)
     # sum_i (g_i - s) = alpha^T delta + a~ (sum_i beta_i)^T; the last sum is 0 up to rounding.
     dev_sum_DxH = ad_DxH + a_shift_D[:, None] * jnp.sum(beta_CxH, axis=0)[None, :]
     kernel_mean = a_shift_D[:, None] * d_bar_H[None, :] + dev_sum_DxH / count
@@ -596,7 +586,7 @@ def _window_moments(params, x_N, y_N, first, *, kind, loss, plan, chunk_size, nu
     Windows that start at or after N are wholly masked (count 0). The dense path takes the
     plain sums unless `shifted`; a call whose plain sums cancelled is made again with
     `shifted` (about the shift, per chunk where some input is nearly constant), so the shift's
-    extra work and its per-chunk `lax.cond` are paid for, and compiled, only where needed.
+    extra work is paid for, and compiled, only where needed.
     """
     leaves = jax.tree.leaves(params)
     dtype = leaves[0].dtype
